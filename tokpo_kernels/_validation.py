@@ -1,0 +1,193 @@
+"""Validation of user input at the public boundary: once, before any kernel, with errors that
+state what was expected and what was received."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from tokpo_kernels._compat import HAS_TRITON, triton_interpreter_enabled
+
+IMPLS = ("auto", "triton", "torch", "naive")
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point tensor (float32/bfloat16/float16/float64), got {t.dtype}")
+
+
+def check_int(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor of token ids (torch.long), got {t.dtype}")
+
+
+def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    present = [(n, t) for n, t in named if t is not None]
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"all tensors must be on one device: {first_name} is on {first.device}, {name} is on {t.device}"
+            )
+
+
+def check_positive(name: str, value: Optional[float], allow_none: bool) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name}: expected a positive number, got None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+
+
+def check_target_range(name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every id must lie in ``[0, vocab)`` or equal ``ignore_index``.
+
+    On CPU this is checked eagerly and raises ``ValueError``. On CUDA a host sync is avoided:
+    ``torch._assert_async`` raises (asynchronously) a device-side assertion instead.
+    """
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if targets.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"{name}: target ids must be in [0, {vocab}) or ignore_index={ignore_index}")
+        return
+    if bool(bad.any()):
+        first = targets[bad].flatten()[0].item()
+        raise ValueError(
+            f"{name}: expected ids in [0, {vocab}) or ignore_index={ignore_index}, got {first} "
+            f"({int(bad.sum())} bad id(s))"
+        )
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise ValueError("impl='triton' needs the triton package, which is not importable; use impl='torch'")
+        if device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError(
+                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}; "
+                "use impl='torch' on CPU"
+            )
+    return impl
+
+
+def validate_vocab_stats_inputs(
+    hidden: object,
+    weight: object,
+    targets: object,
+    bias: object,
+    ref_hidden: object,
+    ref_weight: object,
+    ref_bias: object,
+    kl: bool,
+    entropy: bool,
+    ignore_index: int,
+    temperature: float,
+    softcap: Optional[float],
+    impl: str,
+) -> Tuple[Tuple[int, ...], bool, str]:
+    """Checks the arguments of ``linear_vocab_stats``.
+
+    Returns ``(token_shape, several_targets_per_token, resolved_impl)``.
+    """
+    hidden = check_tensor("hidden", hidden)
+    weight = check_tensor("weight", weight)
+    targets = check_tensor("targets", targets)
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    check_int("targets", targets)
+    if hidden.dim() < 1:
+        raise ValueError(f"hidden: expected shape (..., D), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape (V, D), got {_shape(weight)}")
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        raise ValueError(
+            f"hidden and weight disagree on D: hidden has shape {_shape(hidden)} (D={hidden.shape[-1]}), "
+            f"weight has shape {_shape(weight)} (D={dim})"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype: hidden is {hidden.dtype}, weight is {weight.dtype}")
+    if vocab == 0:
+        raise ValueError("weight: expected a non-empty vocabulary, got V=0")
+    token_shape = _shape(hidden)[:-1]
+    if _shape(targets) == token_shape:
+        multi = False
+    elif targets.dim() == len(token_shape) + 1 and _shape(targets)[:-1] == token_shape:
+        multi = True
+    else:
+        raise ValueError(
+            f"targets: expected shape {token_shape} or {token_shape} + (J,) to match hidden {_shape(hidden)}, "
+            f"got {_shape(targets)}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if bias is not None:
+        bias = check_tensor("bias", bias)
+        if _shape(bias) != (vocab,):
+            raise ValueError(f"bias: expected shape ({vocab},), got {_shape(bias)}")
+        check_float("bias", bias)
+
+    has_ref = ref_hidden is not None or ref_weight is not None
+    if has_ref:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError(
+                "a reference needs both ref_hidden and ref_weight, got "
+                f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
+                f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
+            )
+        ref_hidden = check_tensor("ref_hidden", ref_hidden)
+        ref_weight = check_tensor("ref_weight", ref_weight)
+        check_float("ref_hidden", ref_hidden)
+        check_float("ref_weight", ref_weight)
+        if ref_weight.dim() != 2 or ref_weight.shape[0] != vocab:
+            raise ValueError(f"ref_weight: expected shape ({vocab}, D_ref) to match weight's V, got {_shape(ref_weight)}")
+        if _shape(ref_hidden)[:-1] != token_shape or ref_hidden.dim() != hidden.dim():
+            raise ValueError(
+                f"ref_hidden: expected token shape {token_shape} like hidden {_shape(hidden)}, got {_shape(ref_hidden)}"
+            )
+        if ref_hidden.shape[-1] != ref_weight.shape[1]:
+            raise ValueError(
+                f"ref_hidden and ref_weight disagree on D: ref_hidden has D={ref_hidden.shape[-1]}, "
+                f"ref_weight has shape {_shape(ref_weight)}"
+            )
+        if ref_hidden.dtype != ref_weight.dtype:
+            raise TypeError(
+                f"ref_hidden and ref_weight must share a dtype: got {ref_hidden.dtype} and {ref_weight.dtype}"
+            )
+        if ref_bias is not None:
+            ref_bias = check_tensor("ref_bias", ref_bias)
+            if _shape(ref_bias) != (vocab,):
+                raise ValueError(f"ref_bias: expected shape ({vocab},), got {_shape(ref_bias)}")
+            check_float("ref_bias", ref_bias)
+    elif ref_bias is not None:
+        raise ValueError("ref_bias was given without ref_hidden/ref_weight")
+    if kl and not has_ref:
+        raise ValueError("kl=True needs a reference: pass ref_hidden and ref_weight")
+
+    check_same_device(
+        [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias),
+         ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)]
+    )
+    check_positive("temperature", temperature, allow_none=False)
+    check_positive("softcap", softcap, allow_none=True)
+    resolved = resolve_impl(impl, hidden.device)
+    check_target_range("targets", targets, vocab, ignore_index)
+    return token_shape, multi, resolved

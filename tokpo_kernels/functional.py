@@ -1,0 +1,93 @@
+"""The public functional surface. User input is validated here, once, before any kernel runs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from tokpo_kernels._types import VocabStats
+from tokpo_kernels._validation import validate_vocab_stats_inputs
+from tokpo_kernels.ops.params import StatsParams
+from tokpo_kernels.ops.vocab_stats import vocab_stats_2d
+
+
+def linear_vocab_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    kl: bool = False,
+    entropy: bool = False,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    impl: str = "auto",
+) -> VocabStats:
+    """Per-token statistics of ``softmax(h Wᵀ + b)`` without materialising the (N, V) logits.
+
+    Logits are ``z = softcap·tanh((h Wᵀ + b)/softcap) / temperature`` (softcap optional), for the
+    policy and, with the same transform, for the reference.
+
+    Args:
+        hidden: ``(..., D)`` final hidden states of the policy (fp32, bf16 or fp16).
+        weight: ``(V, D)`` lm-head weight, same dtype as ``hidden``.
+        targets: ``(...)`` token ids, or ``(..., J)`` for several ids per token (padded with
+            ``ignore_index``). Hidden position ``t`` predicts ``targets[t]`` (callers shift).
+        bias: optional ``(V,)`` lm-head bias.
+        ref_hidden, ref_weight, ref_bias: the frozen reference model's ``(..., D_ref)`` hidden states,
+            ``(V, D_ref)`` weight and bias. They never receive gradient.
+        kl: also return ``KL(ref || policy)`` per token (needs a reference).
+        entropy: also return the policy entropy per token.
+        ignore_index: target id meaning "no target"; tokens whose ids are all ignored are masked
+            (statistics 0, no gradient) and skipped before any matmul.
+        temperature: divides the (soft-capped) logits; must be > 0.
+        softcap: Gemma-style final-logit soft-capping value; must be > 0 when given.
+        impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch),
+            ``"naive"`` (full logits; the oracle) or ``"auto"`` (triton on CUDA, torch otherwise).
+
+    Returns:
+        ``VocabStats`` with fp32 ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
+        ``kl``, ``entropy`` (``None`` when not requested) and the bool token ``mask``.
+        ``logp``, ``lse``, ``kl`` and ``entropy`` are differentiable w.r.t. ``hidden``, ``weight``
+        and ``bias``. ``kl`` is clamped at 0 to remove rounding negatives (its gradient is the
+        unclamped one).
+
+    Raises:
+        TypeError / ValueError: on bad input, naming what was expected and what was received.
+    """
+    token_shape, multi, resolved = validate_vocab_stats_inputs(
+        hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
+        kl, entropy, ignore_index, temperature, softcap, impl,
+    )
+    params = StatsParams(
+        ignore_index=ignore_index,
+        temperature=float(temperature),
+        softcap=None if softcap is None else float(softcap),
+        kl=bool(kl),
+        entropy=bool(entropy),
+    )
+    dim = hidden.shape[-1]
+    n = 1
+    for s in token_shape:
+        n *= s
+    t2 = targets.reshape(n, -1) if multi else targets.reshape(n, 1)
+    rh2 = None if ref_hidden is None else ref_hidden.reshape(n, ref_hidden.shape[-1])
+    logp, lse, ref_logp, kl_t, ent = vocab_stats_2d(
+        hidden.reshape(n, dim), weight, t2, bias, rh2, ref_weight, ref_bias if ref_hidden is not None else None,
+        params, resolved,
+    )
+    tshape = tuple(targets.shape)
+    mask = (t2 != ignore_index).any(-1).reshape(token_shape)
+    return VocabStats(
+        logp=logp.reshape(tshape),
+        lse=lse.reshape(token_shape),
+        ref_logp=None if ref_logp is None else ref_logp.reshape(tshape),
+        kl=None if kl_t is None else kl_t.reshape(token_shape),
+        entropy=None if ent is None else ent.reshape(token_shape),
+        mask=mask,
+    )

@@ -1,0 +1,25 @@
+"""Non-tensor options of one ``linear_vocab_stats`` call, carried through autograd as one value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    """Options shared by every implementation.
+
+    Attributes:
+        ignore_index: target id that marks "no target" (never a matmul row when all ids of a token are it).
+        temperature: logits are divided by it (after ``softcap``); a runtime value, never a compile-time one.
+        softcap: ``z = softcap · tanh(r / softcap)`` when set (Gemma style).
+        kl: compute ``KL(ref || policy)`` per token.
+        entropy: compute the policy entropy per token.
+    """
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    kl: bool = False
+    entropy: bool = False
