@@ -189,5 +189,12 @@ def validate_vocab_stats_inputs(
     check_positive("temperature", temperature, allow_none=False)
     check_positive("softcap", softcap, allow_none=True)
     resolved = resolve_impl(impl, hidden.device)
+    if resolved == "triton":
+        for name, t in (("hidden", hidden), ("ref_hidden", ref_hidden)):
+            if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(
+                    f"impl='triton' supports float32/bfloat16/float16 inputs, got {name} of dtype {t.dtype}; "
+                    "use impl='torch' for float64"
+                )
     check_target_range("targets", targets, vocab, ignore_index)
     return token_shape, multi, resolved

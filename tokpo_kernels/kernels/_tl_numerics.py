@@ -1,0 +1,115 @@
+"""Triton-side numerics shared by the kernels (the PyTorch twin is ``tokpo_kernels/numerics.py``).
+
+Policy: fp32 accumulators for logits and statistics, int64 row offsets, -inf for masked columns in
+max reductions and 0 in sums (selected with ``tl.where`` so that ``0·(−inf)`` never forms a NaN).
+
+Online accumulators per row, for the policy logits ``z`` with running max ``m``::
+
+    s = Σ exp(z − m)                      (so lse = m + log s)
+    e = Σ exp(z − m)·(z − m)              (so H = log s − e/s)
+
+and for the reference ``z_r`` with running max ``m_r``::
+
+    s_r = Σ exp(z_r − m_r)
+    a   = Σ exp(z_r − m_r)·((z_r − m_r) − (z − m))     (so KL = a/s_r + log s − log s_r)
+
+Every term is relative to its row maximum, so logits of magnitude 1e4 lose no precision to
+cancellation and KL is exactly 0 when reference and policy logits are bitwise equal. When ``m``
+grows by ``dm`` and ``m_r`` by ``dm_r`` (``α = exp(−dm_r)``): ``e ← exp(−dm)(e − dm·s)`` and
+``a ← α(a + s_r(dm − dm_r))`` before the new tile is added.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh_f32(x):
+    """tanh through exp of a non-positive argument, so it never overflows."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Raw logits ``h[rows] · W[offs_v]ᵀ (+ b)`` as an fp32 (BLOCK_N, BLOCK_V) tile."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows[:, None] * stride_hn
+    w_cols = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_cols + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            # The Triton 3.9 interpreter miscomputes tl.dot on bf16 operands: upcast there only.
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def transform_logits(raw, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``z = softcap·tanh(raw/softcap) / temperature`` (softcap optional)."""
+    if HAS_SOFTCAP:
+        raw = softcap * tanh_f32(raw / softcap)
+    return raw * inv_temperature
+
+
+@triton.jit
+def online_softmax_step(m, s, e, z, NEED_E: tl.constexpr):
+    """Fold tile ``z`` (−inf in masked columns) into ``(m, s, e)``; also returns ``dm = m_new − m``."""
+    m_new = tl.maximum(m, tl.max(z, 1))
+    dm = tl.where(m == float("-inf"), 0.0, m_new - m)
+    scale = tl.exp(m - m_new)
+    zc = z - m_new[:, None]
+    p = tl.exp(zc)
+    if NEED_E:
+        e = scale * (e - dm * s) + tl.sum(tl.where(p > 0.0, p * zc, 0.0), 1)
+    s = s * scale + tl.sum(p, 1)
+    return m_new, s, e, dm
+
+
+@triton.jit
+def online_kl_step(mr, sr, a, zr, z, m_new, dm):
+    """Fold reference tile ``zr`` (with the matching policy tile ``z`` already folded, whose new
+    max is ``m_new`` after a growth of ``dm``) into ``(mr, sr, a)``."""
+    mr_new = tl.maximum(mr, tl.max(zr, 1))
+    dmr = tl.where(mr == float("-inf"), 0.0, mr_new - mr)
+    alpha = tl.exp(mr - mr_new)
+    zrc = zr - mr_new[:, None]
+    q = tl.exp(zrc)
+    a = alpha * (a + sr * (dm - dmr)) + tl.sum(tl.where(q > 0.0, q * (zrc - (z - m_new[:, None])), 0.0), 1)
+    sr = alpha * sr + tl.sum(q, 1)
+    return mr_new, sr, a
+
+
+@triton.jit
+def store_target_logits(z, tgt_ptr, out_ptr, rows, row_mask, offs_v, col_mask, J, stride_tn, stride_tj):
+    """Write ``z[row, y_j]`` to ``out[row, j]`` for every target id that falls in this tile."""
+    for j in range(0, J):
+        t = tl.load(tgt_ptr + rows * stride_tn + j * stride_tj, mask=row_mask, other=-1)
+        hit = (offs_v[None, :] == t[:, None]) & col_mask[None, :]
+        val = tl.sum(tl.where(hit, z, 0.0), 1)
+        found = tl.max(hit.to(tl.int32), 1) > 0
+        tl.store(out_ptr + rows * J + j, val, mask=row_mask & found)
+
+
+@triton.jit
+def target_grad_tile(dz, tgt_ptr, g_tgt_ptr, rows, row_mask, offs_v, J, stride_tn, stride_tj):
+    """``dz += Σ_j g_j · e_{y_j}`` on this tile (ignored targets carry g_j = 0)."""
+    for j in range(0, J):
+        t = tl.load(tgt_ptr + rows * stride_tn + j * stride_tj, mask=row_mask, other=-1)
+        g = tl.load(g_tgt_ptr + rows * J + j, mask=row_mask, other=0.0)
+        dz += tl.where(offs_v[None, :] == t[:, None], g[:, None], 0.0)
+    return dz

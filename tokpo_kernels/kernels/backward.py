@@ -1,0 +1,168 @@
+"""Backward kernel: ``∂hidden``, ``∂weight``, ``∂bias`` from per-token cotangents, no (N, V) tensor.
+
+Gradient derivation (METHODS.md §1). With ``p = softmax(z)``, ``q = softmax(z_ref)`` (fixed),
+``ℓ = log p`` and the per-token statistics
+
+    lse = log Σ_v e^{z_v}            ∂lse/∂z = p
+    z_{y_j}  (target logit j)        ∂z_{y_j}/∂z = e_{y_j}
+    KL  = Σ_v q_v (ℓ_ref,v − ℓ_v)    ∂KL/∂z = p − q
+    H   = −Σ_v p_v ℓ_v               ∂H/∂z = −p ⊙ (ℓ + H)
+
+the chain rule with cotangents ``g_lse, g_j, g_kl, g_H`` gives, per token,
+
+    dz = (g_lse + g_kl)·p − g_kl·q + Σ_j g_j·e_{y_j} − g_H·p ⊙ (ℓ + H)
+
+and through the logit transform ``z = c·tanh(r/c)/T`` of the raw logits ``r = h Wᵀ + b``:
+``dr = dz·(1 − tanh²(r/c))/T``. Finally ``∂h = dr·W``, ``∂W = drᵀ·h``, ``∂b = Σ_rows dr``.
+(``logp_j = z_{y_j} − lse`` is handled by the caller, which folds ``−Σ_j g_logp_j`` into ``g_lse``.)
+
+Grid: one program per (row block, vocabulary tile). Each recomputes its logit tile (and the
+reference tile only when ``g_kl`` flows), forms ``dr`` in registers, then sweeps the hidden
+dimension adding ``dr·W`` into the fp32 ``∂h`` rows and ``drᵀ·h`` into the fp32 ``∂W`` tile with
+atomics (fp32 accumulation of ``∂W`` across row blocks; cast once by the caller).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tokpo_kernels.kernels._tl_numerics import logit_tile, target_grad_tile, tanh_f32, transform_logits
+
+
+@triton.jit(do_not_specialize=["N"])
+def _backward_kernel(
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr,
+    tgt_ptr, row_index_ptr, n_valid_ptr,
+    lse_ptr, ref_lse_ptr, ent_ptr, g_lse_ptr, g_tgt_ptr, g_kl_ptr, g_ent_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    N, V, D, D_REF, J,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+    stride_tn, stride_tj,
+    inv_temperature, softcap,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    USE_Q: tl.constexpr, USE_ENTROPY: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+):
+    # Grouped program order: GROUP_N row blocks sweep the vocabulary together, so a W tile is
+    # reused from L2 by GROUP_N neighbouring programs instead of being re-read from HBM.
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_v = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * num_v
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    n_valid = tl.load(n_valid_ptr)
+    start = pid_n * BLOCK_N
+    if start >= n_valid:
+        return
+    offs_n = start + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_valid
+    rows = tl.load(row_index_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = offs_v < V
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+
+    raw = logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, offs_v, col_mask, D,
+                     stride_hn, stride_hd, stride_wv, stride_wd,
+                     HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = transform_logits(raw, inv_temperature, softcap, HAS_SOFTCAP)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    logp = z - lse[:, None]
+    p = tl.where(tile_mask, tl.exp(logp), 0.0)
+    coef = tl.load(g_lse_ptr + rows, mask=row_mask, other=0.0)
+    if USE_Q:
+        g_kl = tl.load(g_kl_ptr + rows, mask=row_mask, other=0.0)
+        coef += g_kl
+    dz = p * coef[:, None]
+    if USE_ENTROPY:
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
+        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+    if USE_Q:
+        zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
+                        stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+                        HAS_REF_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+        zr = transform_logits(zr, inv_temperature, softcap, HAS_SOFTCAP)
+        ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
+        q = tl.where(tile_mask, tl.exp(zr - ref_lse[:, None]), 0.0)
+        dz -= g_kl[:, None] * q
+    dz = target_grad_tile(dz, tgt_ptr, g_tgt_ptr, rows, row_mask, offs_v, J, stride_tn, stride_tj)
+    if HAS_SOFTCAP:
+        t = tanh_f32(raw / softcap)
+        dz = dz * (1.0 - t * t)
+    dz = tl.where(tile_mask, dz * inv_temperature, 0.0)
+
+    if NEED_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, 0), mask=col_mask)
+    if UPCAST:
+        dz_op = dz
+    else:
+        # Tensor cores take both operands in the input dtype (bf16/fp16; fp32 stays fp32).
+        dz_op = dz.to(h_ptr.dtype.element_ty)
+    h_rows = h_ptr + rows[:, None] * stride_hn
+    w_cols = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        if NEED_DH:
+            w = tl.load(w_cols + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
+            tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh,
+                          mask=row_mask[:, None] & d_mask[None, :])
+        if NEED_DW:
+            h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
+            tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * D + offs_d[None, :], dw,
+                          mask=col_mask[:, None] & d_mask[None, :])
+
+
+def launch_backward(
+    h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+    rh: Optional[torch.Tensor], rw: Optional[torch.Tensor], rb: Optional[torch.Tensor],
+    targets: torch.Tensor, row_index: torch.Tensor, n_valid: torch.Tensor,
+    lse: torch.Tensor, ref_lse: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+    g_lse: torch.Tensor, g_tgt: torch.Tensor, g_kl: Optional[torch.Tensor], g_entropy: Optional[torch.Tensor],
+    dh: Optional[torch.Tensor], dw: Optional[torch.Tensor], db: Optional[torch.Tensor],
+    *, inv_temperature: float, softcap: Optional[float], upcast: bool, dot_precision: str,
+    block_n: int, block_v: int, block_d: int, group_n: int, num_warps: int, num_stages: int,
+) -> None:
+    """Accumulate into the zero-initialised fp32 buffers ``dh (N, D)``, ``dw (V, D)``, ``db (V,)``."""
+    n, d = h.shape
+    v = w.shape[0]
+    use_q = g_kl is not None
+    dummy = lse  # stands in for absent pointers; never dereferenced (constexpr-guarded)
+    grid = (triton.cdiv(n, block_n) * triton.cdiv(v, block_v),)
+    _backward_kernel[grid](
+        h, w, b if b is not None else dummy,
+        rh if use_q else h, rw if use_q else w, rb if (use_q and rb is not None) else dummy,
+        targets, row_index, n_valid,
+        lse, ref_lse if use_q else dummy, entropy if g_entropy is not None else dummy,
+        g_lse, g_tgt, g_kl if use_q else dummy, g_entropy if g_entropy is not None else dummy,
+        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+        n, v, d, rh.shape[1] if use_q else d, targets.shape[1],
+        h.stride(0), h.stride(1), w.stride(0), w.stride(1),
+        rh.stride(0) if use_q else 0, rh.stride(1) if use_q else 0,
+        rw.stride(0) if use_q else 0, rw.stride(1) if use_q else 0,
+        targets.stride(0), targets.stride(1),
+        inv_temperature, softcap if softcap is not None else 1.0,
+        HAS_BIAS=b is not None, HAS_REF_BIAS=use_q and rb is not None, HAS_SOFTCAP=softcap is not None,
+        USE_Q=use_q, USE_ENTROPY=g_entropy is not None,
+        NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+        UPCAST=upcast, DOT_PRECISION=dot_precision,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=group_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )

@@ -1,0 +1,68 @@
+"""Block sizes and launch parameters: one default config per kernel and device class.
+
+The CUDA defaults are untuned starting points taken from the shape of comparable tile kernels
+(a (64 × 128) fp32 logit tile per program keeps two tiles — policy and reference — in registers
+at 8 warps; BLOCK_D = 64 bf16 = 128-byte rows for coalesced loads). They are replaced by measured
+per-GPU-family configs in the benchmarking issue; autotuning stays opt-in.
+
+Under the Triton interpreter the blocks are the smallest ``tl.dot`` accepts (16) so that tiny test
+shapes still cross several vocabulary tiles and hidden-dimension steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from tokpo_kernels._compat import triton_interpreter_enabled
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    group_n: int = 8
+
+
+_INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1, group_n=2)
+
+
+def forward_config(dtype: torch.dtype) -> KernelConfig:
+    if triton_interpreter_enabled():
+        return _INTERPRETER
+    if dtype == torch.float32:
+        # fp32 operands take twice the shared memory per stage.
+        return KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
+    return KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
+
+
+def backward_config(dtype: torch.dtype) -> KernelConfig:
+    if triton_interpreter_enabled():
+        return _INTERPRETER
+    if dtype == torch.float32:
+        return KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2)
+    return KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=2)
+
+
+def forward_splits(n_rows: int, vocab: int, cfg: KernelConfig, device: torch.device) -> int:
+    """How many vocabulary splits the forward grid uses.
+
+    Enough programs to fill the GPU twice over when rows are few, but at least 8 vocabulary tiles
+    per split so the partial-accumulator write and merge stay negligible. ``TOKPO_FORWARD_SPLITS``
+    overrides it (tests use it to exercise the merge under the interpreter).
+    """
+    forced = os.environ.get("TOKPO_FORWARD_SPLITS")
+    tiles = triton.cdiv(vocab, cfg.block_v)
+    if forced:
+        return max(1, min(int(forced), tiles))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(max(n_rows, 1), cfg.block_n)
+    return max(1, min(tiles // 8, triton.cdiv(2 * sms, row_blocks)))
