@@ -75,7 +75,7 @@ def linear_vocab_stats(
     n = 1
     for s in token_shape:
         n *= s
-    t2 = targets.reshape(n, -1) if multi else targets.reshape(n, 1)
+    t2 = targets.reshape(n, targets.shape[-1]) if multi else targets.reshape(n, 1)
     rh2 = None if ref_hidden is None else ref_hidden.reshape(n, ref_hidden.shape[-1])
     logp, lse, ref_logp, kl_t, ent = vocab_stats_2d(
         hidden.reshape(n, dim), weight, t2, bias, rh2, ref_weight, ref_bias if ref_hidden is not None else None,

@@ -38,6 +38,11 @@ def _ids(targets: torch.Tensor) -> torch.Tensor:
     return targets if targets.dtype in (torch.int32, torch.int64) else targets.long()
 
 
+def _vec(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Biases are read with unit stride by the kernels."""
+    return None if bias is None else bias.contiguous()
+
+
 def triton_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: StatsParams) -> RawStats:
     n, j = targets.shape
     dev = h.device
@@ -52,7 +57,7 @@ def triton_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: Stat
     partials = empty_output(NUM_PARTIALS, splits, n, dtype=torch.float32, device=dev)
     upcast, precision = _kernel_flags(h.dtype)
     launch_forward_stats(
-        h, w, b, rh, rw, rb, _ids(targets), row_index, n_valid,
+        h, w, _vec(b), rh, rw, _vec(rb), _ids(targets), row_index, n_valid,
         tgt_logit, ref_tgt_logit, partials,
         splits=splits, v_per_split=v_per_split, inv_temperature=1.0 / params.temperature,
         softcap=params.softcap, need_kl=params.kl, need_entropy=params.entropy,
@@ -82,7 +87,7 @@ def triton_backward(
     upcast, precision = _kernel_flags(h.dtype)
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     launch_backward(
-        h, w, b, rh if use_q else None, rw if use_q else None, rb if use_q else None,
+        h, w, _vec(b), rh if use_q else None, rw if use_q else None, _vec(rb) if use_q else None,
         _ids(targets), row_index, n_valid,
         f32(lse), f32(ref_lse) if use_q else None, f32(entropy) if grads.g_entropy is not None else None,
         f32(grads.g_lse), f32(grads.g_tgt), f32(grads.g_kl), f32(grads.g_entropy),

@@ -52,16 +52,16 @@ def check_number(
     bounds = []
     ok = math.isfinite(v)
     if gt is not None:
-        bounds.append(f"> {gt}")
+        bounds.append(f"> {gt:g}")
         ok = ok and v > gt
     if ge is not None:
-        bounds.append(f">= {ge}")
+        bounds.append(f">= {ge:g}")
         ok = ok and v >= ge
     if lt is not None:
-        bounds.append(f"< {lt}")
+        bounds.append(f"< {lt:g}")
         ok = ok and v < lt
     if le is not None:
-        bounds.append(f"<= {le}")
+        bounds.append(f"<= {le:g}")
         ok = ok and v <= le
     if not ok:
         what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")

@@ -70,7 +70,7 @@ def linear_cross_entropy(
     (default 1). Reductions: ``"none"`` returns ``L_t`` shaped like ``targets`` (0 at ignored
     tokens), ``"sum"`` returns ``Σ_t L_t``, ``"mean"`` returns ``Σ_t L_t / N_valid``
     (``weight_normalization="tokens"``, the default: the weights scale each token's contribution
-    and the denominator stays the token count, like HF's per-token-weighted SFT losses) or
+    and the denominator stays the token count, so uniformly rescaled weights rescale the loss) or
     ``Σ_t L_t / Σ_valid w_t`` (``"weights"``: PyTorch's convention for its per-*class* ``weight``,
     which Liger's ``ce_weight`` follows; Liger has no per-token weights). Defaults match PyTorch:
     ``ignore_index=-100``, ``reduction="mean"``, ``label_smoothing=0``.

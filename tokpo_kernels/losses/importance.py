@@ -49,7 +49,7 @@ def token_importance_weights(
     scores = check_float_tensor("scores", scores)
     mask = check_tensor("mask", mask)
     if scores.dim() < 1:
-        raise ValueError(f"scores: expected shape (..., T), got a 0-d tensor")
+        raise ValueError("scores: expected shape (..., T), got a 0-d tensor")
     check_shape("mask", mask, tuple(scores.shape), "like scores")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")

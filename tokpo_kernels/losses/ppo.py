@@ -80,8 +80,9 @@ def ppo_loss(
         dapo:    Σ_{b,t} m L_t / max(Σ_{b,t} m, 1)
         dr_grpo: Σ_{b,t} m L_t / (B · max_tokens)           (max_tokens defaults to T)
 
-    Defaults follow TRL's GRPO configuration: ``beta = 0.04``, ``eps_low = eps_high = 0.2``,
-    ``loss_type = "grpo"``; the entropy bonus is off (``entropy_coef = 0``). ``old_logp=None``
+    Defaults: ``beta = 0.04`` (DeepSeekMath's GRPO value; Liger's default and TRL's former one —
+    recent TRL defaults to 0), ``eps_low = eps_high = 0.2`` (PPO/GRPO), ``loss_type = "grpo"`` (the
+    GRPO paper's per-sequence mean); the entropy bonus is off (``entropy_coef = 0``). ``old_logp=None``
     uses the detached current log-probs (TRL/Liger with one update per generation), so ``ρ ≡ 1``
     and the loss gradient is the plain policy gradient.
 

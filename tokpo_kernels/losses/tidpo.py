@@ -134,6 +134,15 @@ def tidpo_loss(
                 f"anchor_hidden: expected one anchor per pair, B={pairs} rows, got {a_rows} rows "
                 f"(shape {tuple(anchor_hidden.shape)})"
             )
+        check_float_tensor("anchor_ref_hidden", anchor_ref_hidden)
+        pairs_of = (("anchor_hidden", anchor_hidden, hidden), ("anchor_ref_hidden", anchor_ref_hidden, ref_hidden))
+        for name, a, ref in pairs_of:
+            if a.dim() != 3 or a.shape[:2] != anchor_hidden.shape[:2] or a.shape[-1] != ref.shape[-1]:
+                raise ValueError(
+                    f"{name}: expected shape {tuple(anchor_hidden.shape[:2]) + (int(ref.shape[-1]),)} (the anchor's "
+                    f"(B, T_a) and the hidden size of {'hidden' if ref is hidden else 'ref_hidden'}), "
+                    f"got {tuple(a.shape)}"
+                )
 
     common = dict(bias=bias, ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature,
                   softcap=softcap, impl=impl)

@@ -59,5 +59,8 @@ def naive_vocab_stats(
             ref_logp = torch.where(tvalid, ref_logp_all.gather(-1, safe), zero)
         if params.kl:
             kl_all = (ref_logp_all.exp() * (ref_logp_all - logp_all)).sum(-1)
+            # Clamp rounding negatives (KL >= 0 by definition) but keep the unclamped gradient,
+            # as the fused implementations do.
+            kl_all = kl_all + (kl_all.clamp_min(0.0) - kl_all).detach()
             kl = torch.where(row_valid, kl_all, zero)
     return logp, lse, ref_logp, kl, entropy

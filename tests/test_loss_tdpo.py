@@ -1,0 +1,168 @@
+"""TDPO1/TDPO2 (METHODS.md §2) against the independent float64 oracle in tests/preference_oracle.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from preference_oracle import (
+    SHAPES,
+    TINY_SHAPES,
+    TRITON_DEVICE,
+    assert_close,
+    make_batch,
+    oracle_tdpo,
+    run_loss,
+    triton_skip_reason,
+)
+from tokpo_kernels.losses.tdpo import tdpo_loss
+
+METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "kl/chosen", "kl/rejected", "kl/margin", "logps/chosen", "logps/rejected",
+)
+
+needs_triton = pytest.mark.skipif(bool(triton_skip_reason()), reason=triton_skip_reason() or "-")
+
+
+def compare(batch, grad_keys, impl, *, rtol=2e-4, atol=2e-5, seed=0, **kw):
+    g = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(seed + 99)).item()
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    loss, metrics, grads = run_loss(tdpo_loss, batch, grad_keys, g, impl=impl, device=device, **kw)
+    o_loss, o_metrics, o_grads = run_loss(oracle_tdpo, batch, grad_keys, g, dtype=torch.float64, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, o_loss, rtol=rtol, atol=atol, name="loss")
+    assert set(metrics) == set(METRICS)
+    for k in METRICS:
+        assert metrics[k].shape == o_metrics[k].shape, k
+        assert not metrics[k].requires_grad, k
+        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol, name=k)
+    for k in grad_keys:
+        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=1e-4, name=f"d{k}")
+    return loss, metrics, grads
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tdpo_matches_oracle(impl, variant, shape):
+    B, T, D, V = shape
+    batch = make_batch(B, T, D, V, seed=B * 7 + T)
+    compare(batch, ("hidden", "weight"), impl, variant=variant, beta=0.7, alpha=0.3)
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tdpo_bias_temperature_softcap_dref(impl):
+    batch = make_batch(2, 6, 8, 29, seed=3, bias=True, d_ref=11, scale=3.0)
+    compare(batch, ("hidden", "weight", "bias"), impl, variant="tdpo2", beta=0.5, alpha=0.8,
+            temperature=0.7, softcap=5.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tdpo_variants_differ_and_tdpo2_detaches_chosen_kl(impl):
+    """TDPO2 with alpha=1 has the same value as TDPO1 but a different gradient (sg(K_c))."""
+    batch = make_batch(2, 6, 8, 23, seed=11)
+    l1, _, g1 = compare(batch, ("hidden",), impl, variant="tdpo1", beta=1.0)
+    l2, _, g2 = compare(batch, ("hidden",), impl, variant="tdpo2", beta=1.0, alpha=1.0)
+    assert_close(l1, l2, name="value")
+    assert (g1["hidden"] - g2["hidden"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+def test_tdpo_reference_equal_policy_is_exactly_log2(impl, variant):
+    batch = make_batch(2, 7, 12, 37, seed=5, bias=True)
+    batch["ref_hidden"] = batch["hidden"].clone()
+    batch["ref_weight"] = batch["weight"].clone()
+    batch["ref_bias"] = batch["bias"].clone()
+    out = tdpo_loss(batch["hidden"], batch["weight"], batch["targets"], batch["ref_hidden"], batch["ref_weight"],
+                    bias=batch["bias"], ref_bias=batch["ref_bias"], variant=variant, impl=impl, softcap=10.0)
+    assert out.loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
+    for k in ("kl/chosen", "kl/rejected", "rewards/margins"):
+        assert (out.metrics[k] == 0).all(), k
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tdpo_reference_underflow_is_finite(impl):
+    """Reference probabilities that underflow to 0 in fp32 (logit gaps ~1e4): the reference code's
+    log(softmax) gives NaN in the KL; the loss here stays finite and matches the float64 oracle."""
+    batch = make_batch(2, 5, 6, 31, seed=8, scale=1.0)
+    batch["ref_weight"] = batch["ref_weight"] * 3000.0
+    batch["weight"] = batch["weight"] * 30.0
+    # the hazard is real: the naive log(softmax) of the reference logits has -inf → NaN in Σ q log q
+    zr = batch["ref_hidden"] @ batch["ref_weight"].t()
+    q = torch.softmax(zr, -1)
+    assert torch.isnan((q * (torch.log(q) - torch.log_softmax(batch["hidden"] @ batch["weight"].t(), -1))).sum(-1)).any()
+    loss, metrics, grads = run_loss(tdpo_loss, batch, ("hidden", "weight"), 1.0, impl=impl, beta=0.1)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert all(torch.isfinite(v).all() for v in grads.values())
+    o_loss, o_metrics, _ = run_loss(oracle_tdpo, batch, (), 1.0, dtype=torch.float64, beta=0.1)
+    assert_close(loss, o_loss, rtol=1e-3, atol=1e-3, name="loss")
+    for k in ("kl/chosen", "kl/rejected"):
+        assert_close(metrics[k], o_metrics[k], rtol=1e-3, atol=1e-3, name=k)
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton"])
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_tdpo_triton_matches_oracle(impl, variant, shape):
+    B, T, D, V = shape
+    batch = make_batch(B, T, D, V, seed=21 + T, bias=(variant == "tdpo2"))
+    keys = ("hidden", "weight", "bias") if variant == "tdpo2" else ("hidden", "weight")
+    compare(batch, keys, impl, variant=variant, beta=0.7, alpha=0.3)
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton"])
+def test_tdpo_triton_reference_equal_policy_is_log2(impl):
+    batch = make_batch(2, 6, 16, 45, seed=2)
+    h, w, y = (batch[k].to(TRITON_DEVICE) for k in ("hidden", "weight", "targets"))
+    out = tdpo_loss(h, w, y, h.clone(), w.clone(), impl=impl)
+    assert out.loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _args(B=2, T=4, D=3, V=7, rows=None):
+    rows = 2 * B if rows is None else rows
+    h = torch.randn(rows, T, D)
+    w = torch.randn(V, D)
+    y = torch.randint(0, V, (rows, T))
+    return h, w, y, h.clone(), w.clone()
+
+
+def test_tdpo_rejects_odd_rows():
+    with pytest.raises(ValueError, match=r"even.*got 3 rows"):
+        tdpo_loss(*_args(rows=3))
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan"), float("inf")])
+def test_tdpo_rejects_bad_beta(beta):
+    with pytest.raises(ValueError, match="beta: expected a finite number > 0"):
+        tdpo_loss(*_args(), beta=beta)
+
+
+def test_tdpo_rejects_bad_alpha_variant_and_types():
+    with pytest.raises(ValueError, match="alpha"):
+        tdpo_loss(*_args(), alpha=-1.0)
+    with pytest.raises(ValueError, match=r"variant: expected one of \('tdpo1', 'tdpo2'\), got 'tdpo3'"):
+        tdpo_loss(*_args(), variant="tdpo3")
+    with pytest.raises(TypeError, match="beta: expected a Python number, got Tensor"):
+        tdpo_loss(*_args(), beta=torch.tensor(0.1))
+
+
+def test_tdpo_rejects_bad_shapes_and_missing_reference():
+    h, w, y, rh, rw = _args()
+    with pytest.raises(ValueError, match=r"hidden: expected shape \(rows, T, D\), got \(16, 3\)"):
+        tdpo_loss(h.reshape(-1, 3), w, y, rh, rw)
+    with pytest.raises(ValueError, match=r"targets: expected shape \(4, 4\)"):
+        tdpo_loss(h, w, y[:, :3], rh, rw)
+    with pytest.raises(TypeError, match="targets: expected integer"):
+        tdpo_loss(h, w, y.float(), rh, rw)
+    with pytest.raises(ValueError, match="ref_hidden.*ref_weight"):
+        tdpo_loss(h, w, y, None, rw)

@@ -1,0 +1,247 @@
+"""TI-DPO (METHODS.md §3): importance weights and the weighted preference + triplet loss, against the
+independent float64 oracle in tests/preference_oracle.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from preference_oracle import (
+    SHAPES,
+    TINY_SHAPES,
+    TRITON_DEVICE,
+    assert_close,
+    make_batch,
+    make_targets,
+    oracle_importance,
+    oracle_tidpo,
+    run_loss,
+    triton_skip_reason,
+)
+from tokpo_kernels.losses.importance import token_importance_weights
+from tokpo_kernels.losses.tdpo import tdpo_loss
+from tokpo_kernels.losses.tidpo import tidpo_loss
+
+METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "kl/chosen", "kl/rejected", "kl/margin", "logps/chosen", "logps/rejected", "triplet_loss",
+)
+needs_triton = pytest.mark.skipif(bool(triton_skip_reason()), reason=triton_skip_reason() or "-")
+
+
+def with_extras(batch, *, seed, weights=True, anchor_T=None):
+    """Add importance-like token weights and an anchor (own length, own prompt mask) to a batch."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, T, D = batch["hidden"].shape
+    V = batch["weight"].shape[0]
+    d_ref = batch["ref_hidden"].shape[-1]
+    out = dict(batch)
+    if weights:
+        w = 0.2 + 1.8 * torch.rand(rows, T, generator=gen)
+        w[batch["targets"] == -100] = float("nan")  # never read off the mask
+        out["token_weights"] = w
+    if anchor_T is not None:
+        B = rows // 2
+        out["anchor_hidden"] = torch.randn(B, anchor_T, D, generator=gen)
+        out["anchor_ref_hidden"] = torch.randn(B, anchor_T, d_ref, generator=gen)
+        out["anchor_targets"] = make_targets(B, anchor_T, V, gen)
+    return out
+
+
+def compare(batch, grad_keys, impl, *, seed=0, rtol=2e-4, atol=2e-5, **kw):
+    g = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(seed + 7)).item()
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    loss, metrics, grads = run_loss(tidpo_loss, batch, grad_keys, g, impl=impl, device=device, **kw)
+    o_loss, o_metrics, o_grads = run_loss(oracle_tidpo, batch, grad_keys, g, dtype=torch.float64, **kw)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert_close(loss, o_loss, rtol=rtol, atol=atol, name="loss")
+    assert set(metrics) == set(METRICS)
+    for k in METRICS:
+        assert not metrics[k].requires_grad, k
+        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol, name=k)
+    for k in grad_keys:
+        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=1e-4, name=f"d{k}")
+    return loss, metrics, grads
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("preference", ["tdpo2", "dpo"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tidpo_matches_oracle(impl, preference, shape):
+    B, T, D, V = shape
+    seed = 3 * B + T
+    batch = with_extras(make_batch(B, T, D, V, seed=seed), seed=seed, anchor_T=max(1, T - 2) if T > 1 else 1)
+    _, metrics, _ = compare(
+        batch, ("hidden", "weight", "anchor_hidden"), impl, seed=seed,
+        beta=0.6, alpha=0.4, gamma=0.5, margin=0.05, preference=preference,
+    )
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tidpo_anchor_longer_than_responses_bias_softcap_kl_coef(impl):
+    batch = with_extras(make_batch(2, 5, 8, 29, seed=4, bias=True, d_ref=6), seed=4, anchor_T=8)
+    _, metrics, grads = compare(
+        batch, ("hidden", "weight", "bias", "anchor_hidden"), impl, seed=4,
+        beta=0.3, gamma=2.0, margin=30.0, kl_coef=0.3, temperature=1.3, softcap=4.0,
+    )
+    assert metrics["triplet_loss"] > 0  # margin large: the hinge is active for every pair
+    assert grads["anchor_hidden"].abs().max() > 0
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tidpo_triplet_hinge_inactive_and_skipped(impl):
+    batch = with_extras(make_batch(2, 6, 8, 23, seed=9, prompt=False), seed=9, anchor_T=6)
+    kw = dict(beta=0.5, gamma=1.0, impl=impl)
+    args = [batch[k] for k in ("hidden", "weight", "targets", "ref_hidden", "ref_weight")]
+    anchor = {k: batch[k] for k in ("anchor_hidden", "anchor_ref_hidden", "anchor_targets")}
+    base = tidpo_loss(*args, token_weights=batch["token_weights"], **kw)
+    assert base.metrics["triplet_loss"].item() == 0.0
+    for m in (0.0, -1.0):  # margin <= 0: skipped even with an anchor
+        out = tidpo_loss(*args, token_weights=batch["token_weights"], margin=m, **anchor, **kw)
+        assert out.loss.item() == base.loss.item() and out.metrics["triplet_loss"].item() == 0.0
+    # anchor == chosen: D+ = 0 < D- - margin, the hinge is inactive, no gradient reaches the anchor;
+    # anchor == rejected: D- = 0, the triplet term is D+ + margin
+    B = batch["hidden"].shape[0] // 2
+    for side, active in ((slice(0, B), False), (slice(B, 2 * B), True)):
+        ah = batch["hidden"][side].clone().requires_grad_(True)
+        anchor_same = dict(anchor_hidden=ah, anchor_ref_hidden=batch["ref_hidden"][side].clone(),
+                           anchor_targets=batch["targets"][side].clone())
+        out = tidpo_loss(*args, token_weights=batch["token_weights"], margin=1e-3, **anchor_same, **kw)
+        o_loss, o_met, _ = run_loss(oracle_tidpo, {**batch, **anchor_same}, (), 1.0, dtype=torch.float64,
+                                 beta=0.5, gamma=1.0, margin=1e-3)
+        assert_close(out.loss, o_loss, name="loss")
+        assert_close(out.metrics["triplet_loss"], o_met["triplet_loss"], name="triplet")
+        (g,) = torch.autograd.grad(out.loss, ah)
+        if active:
+            assert out.metrics["triplet_loss"] > 1e-3 and g.abs().max() > 0
+        else:
+            assert out.metrics["triplet_loss"] == 0 and (g == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tidpo_unit_weights_no_anchor_equals_tdpo2(impl):
+    batch = make_batch(2, 7, 12, 37, seed=12)
+    args = [batch[k] for k in ("hidden", "weight", "targets", "ref_hidden", "ref_weight")]
+    a = tidpo_loss(*args, beta=0.4, alpha=0.7, impl=impl)
+    b = tidpo_loss(*args, beta=0.4, alpha=0.7, impl=impl, token_weights=torch.ones(batch["targets"].shape))
+    c = tdpo_loss(*args, beta=0.4, alpha=0.7, variant="tdpo2", impl=impl)
+    assert a.loss.item() == c.loss.item() == b.loss.item()
+    for k in c.metrics:
+        assert torch.equal(a.metrics[k], c.metrics[k]), k
+
+
+@pytest.mark.parametrize("impl", ["torch", "naive"])
+def test_tidpo_reference_equal_policy_is_log2(impl):
+    batch = make_batch(2, 6, 8, 19, seed=1)
+    h, w = batch["hidden"], batch["weight"]
+    tw = torch.rand(batch["targets"].shape) * 2
+    for pref in ("tdpo2", "dpo"):
+        out = tidpo_loss(h, w, batch["targets"], h.clone(), w.clone(), token_weights=tw, preference=pref, impl=impl)
+        assert out.loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton"])
+@pytest.mark.parametrize("shape", TINY_SHAPES)
+def test_tidpo_triton_matches_oracle(impl, shape):
+    B, T, D, V = shape
+    batch = with_extras(make_batch(B, T, D, V, seed=40 + T), seed=40 + T, anchor_T=T + 1)
+    compare(batch, ("hidden", "weight", "anchor_hidden"), impl, seed=40,
+            beta=0.6, gamma=0.5, margin=0.05, kl_coef=0.1)
+
+
+# ------------------------------------------------------------------------------- importance weights
+
+
+@pytest.mark.parametrize("lam,sigma_div", [(0.7, 4.0), (0.2, 8.0), (0.0, 1.0), (1.0, 2.5)])
+def test_importance_weights_match_oracle(lam, sigma_div):
+    gen = torch.Generator().manual_seed(int(lam * 10 + sigma_div))
+    scores = torch.randn(3, 7, 11, generator=gen).abs()
+    mask = torch.rand(3, 7, 11, generator=gen) > 0.3  # non-contiguous spans
+    mask[0, 0] = False  # n = 0
+    mask[0, 1] = False
+    mask[0, 1, 4] = True  # n = 1
+    scores[0, 2] = -torch.rand(11, generator=gen)  # no positive attribution: prior alone
+    mask[0, 3] = False
+    mask[0, 3, 2:9] = True  # contiguous span
+    scores[0, 4, 5] = float("nan")
+    mask[0, 4, 5] = False  # a NaN off the span is never read
+    w = token_importance_weights(scores, mask, lam=lam, sigma_div=sigma_div)
+    assert w.shape == scores.shape and w.dtype == torch.float32 and not w.requires_grad
+    ref = oracle_importance(scores, mask, lam, sigma_div)
+    assert_close(w, ref, rtol=1e-5, atol=1e-6, name="weights")
+    assert (w[~mask] == 0).all()
+    n = mask.sum(-1)
+    means = (w.double().sum(-1) / n.clamp_min(1))[n > 1]
+    assert_close(means, torch.ones_like(means), name="mean 1 over the span")
+    assert (w[0, 0] == 0).all() and (w[0, 1] == 0).all()
+
+
+def test_importance_weights_defaults_and_dtypes():
+    scores = torch.tensor([[0.0, 3.0, 1.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    mask = torch.tensor([[0, 1, 1, 1, 0]])
+    w = token_importance_weights(scores, mask)  # paper defaults lam=0.7, sigma_div=4
+    assert w.dtype == torch.float32
+    assert_close(w, oracle_importance(scores.float(), mask.bool(), 0.7, 4.0), rtol=1e-5, name="w")
+    w64 = token_importance_weights(scores.double().requires_grad_(), mask.bool())
+    assert w64.dtype == torch.float64 and not w64.requires_grad
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _args(B=2, T=4, D=3, V=7, rows=None):
+    rows = 2 * B if rows is None else rows
+    h = torch.randn(rows, T, D)
+    w = torch.randn(V, D)
+    y = torch.randint(0, V, (rows, T))
+    return h, w, y, h.clone(), w.clone()
+
+
+def test_tidpo_validation():
+    h, w, y, rh, rw = _args()
+    with pytest.raises(ValueError, match=r"even.*got 5 rows"):
+        tidpo_loss(*_args(rows=5))
+    with pytest.raises(ValueError, match="beta: expected a finite number > 0, got 0"):
+        tidpo_loss(h, w, y, rh, rw, beta=0)
+    with pytest.raises(ValueError, match="gamma"):
+        tidpo_loss(h, w, y, rh, rw, gamma=-0.1)
+    with pytest.raises(ValueError, match="kl_coef"):
+        tidpo_loss(h, w, y, rh, rw, kl_coef=-1.0)
+    with pytest.raises(ValueError, match=r"preference: expected one of \('tdpo2', 'dpo'\), got 'tdpo1'"):
+        tidpo_loss(h, w, y, rh, rw, preference="tdpo1")
+    with pytest.raises(ValueError, match=r"token_weights: expected shape \(4, 4\).*got \(4, 3\)"):
+        tidpo_loss(h, w, y, rh, rw, token_weights=torch.ones(4, 3))
+    with pytest.raises(TypeError, match="token_weights: expected a floating-point tensor"):
+        tidpo_loss(h, w, y, rh, rw, token_weights=torch.ones(4, 4, dtype=torch.long))
+    ah, ay = torch.randn(2, 5, 3), torch.randint(0, 7, (2, 5))
+    with pytest.raises(ValueError, match="must be given together: got anchor_hidden, anchor_targets but not anchor_ref_hidden"):
+        tidpo_loss(h, w, y, rh, rw, anchor_hidden=ah, anchor_targets=ay)
+    with pytest.raises(ValueError, match=r"anchor_hidden: expected one anchor per pair, B=2 rows, got 3"):
+        tidpo_loss(h, w, y, rh, rw, anchor_hidden=torch.randn(3, 5, 3), anchor_ref_hidden=torch.randn(3, 5, 3),
+                   anchor_targets=torch.randint(0, 7, (3, 5)))
+    with pytest.raises(ValueError, match=r"anchor_targets: expected shape \(2, 5\)"):
+        tidpo_loss(h, w, y, rh, rw, anchor_hidden=ah, anchor_ref_hidden=ah.clone(), anchor_targets=ay[:, :4])
+    with pytest.raises(ValueError, match=r"anchor_hidden: expected shape \(2, 5, 3\).*got \(2, 5, 4\)"):
+        tidpo_loss(h, w, y, rh, rw, anchor_hidden=torch.randn(2, 5, 4), anchor_ref_hidden=ah, anchor_targets=ay)
+    with pytest.raises(ValueError, match=r"anchor_ref_hidden: expected shape \(2, 5, 3\).*got \(2, 4, 3\)"):
+        tidpo_loss(h, w, y, rh, rw, anchor_hidden=ah, anchor_ref_hidden=ah[:, :4], anchor_targets=ay)
+    with pytest.raises(ValueError, match="ref_hidden.*ref_weight"):
+        tidpo_loss(h, w, y, rh, None)
+
+
+def test_importance_validation():
+    s = torch.rand(2, 5)
+    m = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 5\).*got \(2, 4\)"):
+        token_importance_weights(s, m[:, :4])
+    with pytest.raises(ValueError, match=r"lam: expected a finite number >= 0 and <= 1, got 1.5"):
+        token_importance_weights(s, m, lam=1.5)
+    with pytest.raises(ValueError, match="sigma_div"):
+        token_importance_weights(s, m, sigma_div=0.0)
+    with pytest.raises(TypeError, match="mask: expected a bool"):
+        token_importance_weights(s, m.float())
+    with pytest.raises(TypeError, match="scores: expected a floating-point tensor"):
+        token_importance_weights(m.long(), m)
