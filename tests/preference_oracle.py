@@ -61,7 +61,8 @@ def _sum(xs: List[Tensor], like: Tensor) -> Tensor:
     return out
 
 
-def oracle_tdpo(h, w, y, h_ref, w_ref, *, beta=0.1, alpha=0.5, variant="tdpo2", **kw) -> Tuple[Tensor, Dict[str, Tensor]]:
+def oracle_tdpo(h, w, y, h_ref, w_ref, *, beta=0.1, alpha=0.5, variant="tdpo2",
+                **kw) -> Tuple[Tensor, Dict[str, Tensor]]:
     """METHODS.md §2."""
     rows = token_terms(h, w, y, h_ref, w_ref, **kw)
     like = h.double()
@@ -295,8 +296,9 @@ POSITIONAL = ("hidden", "weight", "targets", "ref_hidden", "ref_weight")
 
 def run_loss(fn, inputs: Dict[str, Tensor], grad_keys, cotangent: float, *, dtype=None, device=None, **kwargs):
     """Call ``fn(hidden, weight, targets, ref_hidden, ref_weight, **rest, **kwargs)`` on fresh leaves
-    (cast to ``dtype`` and moved to ``device`` when given; ids keep their dtype), backprop ``cotangent · loss`` and return
-    ``(loss, metrics, {name: grad})``. Works for the library losses and for the oracles alike."""
+    (cast to ``dtype`` and moved to ``device`` when given; ids keep their dtype), backprop
+    ``cotangent · loss`` and return ``(loss, metrics, {name: grad})``. Works for the library losses
+    and for the oracles alike."""
     leaves = {}
     for k, v in inputs.items():
         if v is None:

@@ -72,16 +72,21 @@ def test_tdpo_variants_differ_and_tdpo2_detaches_chosen_kl(impl):
 
 @pytest.mark.parametrize("impl", ["torch", "naive"])
 @pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
-def test_tdpo_reference_equal_policy_is_exactly_log2(impl, variant):
-    batch = make_batch(2, 7, 12, 37, seed=5, bias=True)
+@pytest.mark.parametrize("B,T,D,V", [(2, 7, 12, 37), (2, 256, 32, 3000)])
+def test_tdpo_reference_equal_policy_is_exactly_log2(impl, variant, B, T, D, V):
+    """M = 0 and K = 0 give Δ = 0, so the loss is exactly log 2 (fp32). K must come out as (almost)
+    exactly 0: rounding noise in a per-token KL summed over a long sequence would move β·Δ by more
+    than an fp32 ulp of log 2."""
+    batch = make_batch(B, T, D, V, seed=5, bias=True)
     batch["ref_hidden"] = batch["hidden"].clone()
     batch["ref_weight"] = batch["weight"].clone()
     batch["ref_bias"] = batch["bias"].clone()
     out = tdpo_loss(batch["hidden"], batch["weight"], batch["targets"], batch["ref_hidden"], batch["ref_weight"],
                     bias=batch["bias"], ref_bias=batch["ref_bias"], variant=variant, impl=impl, softcap=10.0)
     assert out.loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
-    for k in ("kl/chosen", "kl/rejected", "rewards/margins"):
-        assert (out.metrics[k] == 0).all(), k
+    for k in ("kl/chosen", "kl/rejected"):
+        assert (out.metrics[k] >= 0).all() and (out.metrics[k] <= 1e-7 * T).all(), (k, out.metrics[k])
+    assert (out.metrics["rewards/margins"].abs() <= 1e-7 * T).all()
 
 
 @pytest.mark.parametrize("impl", ["torch", "naive"])
@@ -94,7 +99,8 @@ def test_tdpo_reference_underflow_is_finite(impl):
     # the hazard is real: the naive log(softmax) of the reference logits has -inf → NaN in Σ q log q
     zr = batch["ref_hidden"] @ batch["ref_weight"].t()
     q = torch.softmax(zr, -1)
-    assert torch.isnan((q * (torch.log(q) - torch.log_softmax(batch["hidden"] @ batch["weight"].t(), -1))).sum(-1)).any()
+    logp = torch.log_softmax(batch["hidden"] @ batch["weight"].t(), -1)
+    assert torch.isnan((q * (torch.log(q) - logp)).sum(-1)).any()
     loss, metrics, grads = run_loss(tdpo_loss, batch, ("hidden", "weight"), 1.0, impl=impl, beta=0.1)
     assert torch.isfinite(loss)
     assert all(torch.isfinite(v).all() for v in metrics.values())

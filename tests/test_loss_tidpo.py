@@ -217,7 +217,8 @@ def test_tidpo_validation():
     with pytest.raises(TypeError, match="token_weights: expected a floating-point tensor"):
         tidpo_loss(h, w, y, rh, rw, token_weights=torch.ones(4, 4, dtype=torch.long))
     ah, ay = torch.randn(2, 5, 3), torch.randint(0, 7, (2, 5))
-    with pytest.raises(ValueError, match="must be given together: got anchor_hidden, anchor_targets but not anchor_ref_hidden"):
+    together = "must be given together: got anchor_hidden, anchor_targets but not anchor_ref_hidden"
+    with pytest.raises(ValueError, match=together):
         tidpo_loss(h, w, y, rh, rw, anchor_hidden=ah, anchor_targets=ay)
     with pytest.raises(ValueError, match=r"anchor_hidden: expected one anchor per pair, B=2 rows, got 3"):
         tidpo_loss(h, w, y, rh, rw, anchor_hidden=torch.randn(3, 5, 3), anchor_ref_hidden=torch.randn(3, 5, 3),

@@ -1,13 +1,23 @@
-"""Losses: a few lines of PyTorch each on ``linear_vocab_stats`` (METHODS.md §2–5); no kernels here.
+"""Losses as small PyTorch functions of the per-token statistics of ``linear_vocab_stats``.
 
-This file imports the preference losses (TDPO, TI-DPO, DPO) and the TI-DPO importance weights.
-The TLPO / PPO / cross-entropy exports (``tlpo.py``, ``ppo.py``, ``cross_entropy.py``) are added
-when those modules are merged.
+No loss adds a kernel; each takes ``impl=`` and passes it through.
 """
 
+from tokpo_kernels.losses.cross_entropy import linear_cross_entropy
 from tokpo_kernels.losses.dpo import dpo_loss
 from tokpo_kernels.losses.importance import token_importance_weights
+from tokpo_kernels.losses.ppo import ppo_loss
 from tokpo_kernels.losses.tdpo import tdpo_loss
 from tokpo_kernels.losses.tidpo import tidpo_loss
+from tokpo_kernels.losses.tlpo import tlpo_advantages, tlpo_loss
 
-__all__ = ["dpo_loss", "tdpo_loss", "tidpo_loss", "token_importance_weights"]
+__all__ = [
+    "dpo_loss",
+    "linear_cross_entropy",
+    "ppo_loss",
+    "tdpo_loss",
+    "tidpo_loss",
+    "tlpo_advantages",
+    "tlpo_loss",
+    "token_importance_weights",
+]
