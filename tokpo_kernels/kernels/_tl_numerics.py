@@ -24,6 +24,18 @@ import triton.language as tl
 
 
 @triton.jit
+def compacted_rows(row_index_ptr, start, n_valid, BLOCK_N: tl.constexpr):
+    """Original row ids (int64) of compacted rows ``start .. start + BLOCK_N`` and their mask.
+
+    ``row_index`` lists the valid rows first; ``n_valid`` of them exist (a device value).
+    """
+    offs_n = start + tl.arange(0, BLOCK_N)
+    row_mask = offs_n < n_valid
+    rows = tl.load(row_index_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+    return rows, row_mask
+
+
+@triton.jit
 def tanh_f32(x):
     """tanh through exp of a non-positive argument, so it never overflows."""
     a = tl.abs(x)

@@ -30,7 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tokpo_kernels.kernels._tl_numerics import logit_tile, target_grad_tile, tanh_f32, transform_logits
+from tokpo_kernels.kernels._tl_numerics import (
+    compacted_rows,
+    logit_tile,
+    target_grad_tile,
+    tanh_f32,
+    transform_logits,
+)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -65,9 +71,7 @@ def _backward_kernel(
     start = pid_n * BLOCK_N
     if start >= n_valid:
         return
-    offs_n = start + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_valid
-    rows = tl.load(row_index_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = compacted_rows(row_index_ptr, start, n_valid, BLOCK_N)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = offs_v < V
     tile_mask = row_mask[:, None] & col_mask[None, :]

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from tokpo_kernels.kernels._tl_numerics import (
+    compacted_rows,
     logit_tile,
     online_kl_step,
     online_softmax_step,
@@ -54,9 +55,7 @@ def _forward_stats_kernel(
     start = pid_n * BLOCK_N
     if start >= n_valid:
         return
-    offs_n = start + tl.arange(0, BLOCK_N)
-    row_mask = offs_n < n_valid
-    rows = tl.load(row_index_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = compacted_rows(row_index_ptr, start, n_valid, BLOCK_N)
     v_lo = pid_s * V_PER_SPLIT
     v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
 
