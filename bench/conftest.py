@@ -1,0 +1,28 @@
+"""pytest-benchmark front end: ``pytest bench/ --tier cpu`` (or quick, core, sweep).
+
+Not collected by a plain ``pytest`` from the repository root (pyproject's ``testpaths`` is
+``tests``); name ``bench/`` explicitly. The suite measures time in-process with
+``benchmark.pedantic`` (fixed rounds, one warm-up); peak memory needs a fresh process per
+measurement and is reported by ``python -m bench`` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import pytest
+import torch
+
+from bench.env import environment
+from bench.tiers import TIERS, tier_device
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--tier", action="store", default="cpu", choices=TIERS,
+                     help="benchmark tier of bench/ (default: cpu; core and sweep need CUDA)")
+
+
+@pytest.fixture(scope="session")
+def bench_env(pytestconfig: pytest.Config) -> Dict[str, Any]:
+    return environment(torch.device(tier_device(pytestconfig.getoption("--tier"))))
+

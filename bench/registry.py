@@ -1,0 +1,186 @@
+"""The benchmark registry: operations, the implementations that compute them, and their cases.
+
+An *operation* is one quantity with a FLOP model (``vocab_stats_kl``: the statistics of
+``linear_vocab_stats`` with a reference and ``kl=True``; later ``cross_entropy``, ``dpo``, ...). An
+*implementation* is one way to compute it: this library's ``naive``/``torch``/``triton`` impls, or a
+peer (Liger-Kernel, ``F.linear_cross_entropy``, Cut Cross-Entropy) that computes the same quantity.
+Both are added by one file each under ``bench/ops/`` or ``bench/peers/``, which only call
+``register_operation`` / ``register_impl`` at import time; nothing else in ``bench/`` changes.
+
+A builder turns ``(shape, dtype, device)`` into a ``Built``: ready inputs plus a forward callable
+and a backward callable. Builders raise :class:`Unavailable` (or any exception) when the
+implementation cannot run here; the runner turns that into an "unavailable: reason" row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+class Unavailable(RuntimeError):
+    """Raised by a builder when an implementation cannot run in this environment."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """An lm-head problem: ``rows`` sequences of ``seq`` tokens, hidden size ``dim``, vocab ``vocab``.
+
+    The first ``ignored_prefix`` tokens of every row carry ``ignore_index`` (prompt tokens in
+    preference/RL batches). FLOP models count only the ``valid_tokens``: skipping ignored tokens
+    before any matmul is one of the levers being measured, so it must show up as speed.
+    """
+
+    rows: int
+    seq: int
+    dim: int
+    vocab: int
+    ignored_prefix: int = 0
+    label: str = ""  # e.g. "llama3-8b": which model head this shape stands for
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq
+
+    @property
+    def valid_tokens(self) -> int:
+        return self.rows * (self.seq - self.ignored_prefix)
+
+    def describe(self) -> str:
+        head = f"{self.label} " if self.label else ""
+        return (
+            f"{head}{self.rows}x{self.seq} tok (N={self.valid_tokens} valid), "
+            f"D={self.dim}, V={self.vocab}"
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "rows": self.rows, "seq": self.seq, "dim": self.dim, "vocab": self.vocab,
+            "ignored_prefix": self.ignored_prefix, "label": self.label,
+            "tokens": self.tokens, "valid_tokens": self.valid_tokens,
+        }
+
+    @staticmethod
+    def from_dict(d: Dict[str, Any]) -> "Shape":
+        return Shape(d["rows"], d["seq"], d["dim"], d["vocab"], d.get("ignored_prefix", 0), d.get("label", ""))
+
+
+@dataclass
+class Built:
+    """Inputs already on the device, and the two halves of one training step.
+
+    ``fwd()`` runs the forward with autograd recording (as in training) and returns whatever
+    ``bwd`` needs; ``bwd(out)`` runs the backward with fixed random cotangents and returns the
+    gradients (returned rather than accumulated into ``.grad``, so repeated runs do no extra
+    accumulation work and free their gradients). ``fwd_bwd`` is one full step. Keeping the two
+    halves separate lets the timer report forward, backward and forward+backward from one loop.
+    ``extra`` is reported as-is (e.g. the measured entropy of the inputs); ``summary(out)``
+    gives a few scalars of the result so that implementations can be cross-checked.
+    """
+
+    fwd: Callable[[], Any]
+    bwd: Callable[[Any], Any]
+    extra: Dict[str, Any] = field(default_factory=dict)
+    summary: Optional[Callable[[Any], Dict[str, float]]] = None
+
+    def fwd_bwd(self) -> Any:
+        return self.bwd(self.fwd())
+
+
+Builder = Callable[[Shape, torch.dtype, torch.device], Built]
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to compute an operation. ``requires`` lists importable modules (peers' packages):
+    when one is missing the row reads "not installed: <module>" without starting a worker."""
+
+    name: str
+    build: Builder
+    requires: Tuple[str, ...] = ()
+    note: str = ""
+
+    def missing(self) -> Optional[str]:
+        for mod in self.requires:
+            try:
+                if importlib.util.find_spec(mod) is None:
+                    return mod
+            except (ImportError, ValueError):
+                return mod
+        return None
+
+
+@dataclass
+class Operation:
+    """A benchmarked quantity. ``flops(shape)`` returns model FLOPs ``{"fwd": .., "fwd_bwd": ..}``
+    for the valid tokens; TFLOP/s of every implementation is computed from this one model, so it
+    compares time-to-solution (an implementation that does redundant work does not get credit)."""
+
+    name: str
+    description: str
+    flops: Callable[[Shape], Dict[str, float]]
+    impls: Dict[str, Impl] = field(default_factory=dict)
+    baseline: str = "naive"  # ratios in the table are relative to this impl
+
+
+_OPERATIONS: Dict[str, Operation] = {}
+
+
+def register_operation(op: Operation) -> Operation:
+    if op.name in _OPERATIONS:
+        raise ValueError(f"operation {op.name!r} registered twice")
+    _OPERATIONS[op.name] = op
+    return op
+
+
+def register_impl(op_name: str, impl: Impl) -> None:
+    op = get_operation(op_name)
+    if impl.name in op.impls:
+        raise ValueError(f"impl {impl.name!r} of {op_name!r} registered twice")
+    op.impls[impl.name] = impl
+
+
+def _load_all() -> None:
+    # Importing the packages runs every op/peer file's registration exactly once.
+    import bench.ops  # noqa: F401
+    import bench.peers  # noqa: F401
+
+
+def get_operation(name: str) -> Operation:
+    _load_all()
+    try:
+        return _OPERATIONS[name]
+    except KeyError:
+        raise KeyError(f"unknown operation {name!r}; known: {sorted(_OPERATIONS)}") from None
+
+
+def operations() -> List[Operation]:
+    _load_all()
+    return list(_OPERATIONS.values())
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for k, v in DTYPES.items():
+        if v == dtype:
+            return k
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row group of the table: an operation at one shape and dtype (each impl is one row)."""
+
+    op: str
+    shape: Shape
+    dtype: str  # a key of DTYPES
+
+    @property
+    def key(self) -> str:
+        s = self.shape
+        return f"{self.op}-{self.dtype}-B{s.rows}xT{s.seq}-p{s.ignored_prefix}-D{s.dim}-V{s.vocab}"

@@ -1,0 +1,170 @@
+"""The Markdown table, the raw JSON and the plot of one ``python -m bench`` run."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from bench.registry import get_operation
+
+# Relative disagreement of summary scalars (mean logp, lse, KL) between an impl and the baseline
+# above which the run prints a warning: the table would be comparing different computations.
+CHECK_RTOL = {"fp32": 1e-4, "fp64": 1e-8, "bf16": 2e-2, "fp16": 1e-2}
+
+
+def _ms(q: Optional[Dict[str, float]]) -> str:
+    if not q:
+        return "–"
+
+    def f(x: float) -> str:
+        return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+    return f"{f(q['median'])} [{f(q['p20'])}, {f(q['p80'])}]"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _shape_cell(shape: Dict[str, Any]) -> str:
+    label = f"{shape['label']} " if shape.get("label") else ""
+    return (f"{label}{shape['rows']}x{shape['seq']} (N={shape['valid_tokens']} valid) "
+            f"D={shape['dim']} V={shape['vocab']}")
+
+
+def _by_case(measurements: Sequence[Dict[str, Any]]) -> "OrderedDict[str, List[Dict[str, Any]]]":
+    groups: "OrderedDict[str, List[Dict[str, Any]]]" = OrderedDict()
+    for m in measurements:
+        groups.setdefault(m["case"], []).append(m)
+    return groups
+
+
+def _baseline(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    name = get_operation(rows[0]["op"]).baseline
+    return next((r for r in rows if r["impl"] == name and r["status"] == "ok"), None)
+
+
+def markdown_table(measurements: Sequence[Dict[str, Any]]) -> str:
+    head = ["operation", "impl", "shape", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
+            "TFLOP/s", "time vs naive", "mem vs naive"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 7) + "|"]
+    for rows in _by_case(measurements).values():
+        base = _baseline(rows)
+        for r in rows:
+            cells = [r["op"], r["impl"], _shape_cell(r["shape"]), r["dtype"]]
+            if r["status"] != "ok":
+                reason = r["reason"] or r["status"]
+                if not reason.startswith(("unavailable", "not installed")):
+                    reason = f"{r['status']}: {reason}"
+                cells += [_cell(reason)] + ["–"] * 6
+            else:
+                t, mem = r["time"], r["memory"]["fwd_bwd_peak_mib"]
+                if base is not None:
+                    tr = t["fwd_bwd_ms"]["median"] / base["time"]["fwd_bwd_ms"]["median"]
+                    bm = base["memory"]["fwd_bwd_peak_mib"]
+                    mr = f"{mem / bm:.2f}x" if bm > 0 else "n/a"
+                    tr = f"{tr:.2f}x"
+                else:
+                    tr = mr = "n/a"
+                cells += [_ms(t["fwd_ms"]), _ms(t["bwd_ms"]), _ms(t["fwd_bwd_ms"]), f"{mem:.1f}",
+                          f"{r['tflops']['fwd_bwd']:.3g}", tr, mr]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def notes(measurements: Sequence[Dict[str, Any]]) -> List[str]:
+    """Footnotes: what the columns mean, the inputs' measured statistics, and any cross-check failure."""
+    out: List[str] = []
+    ops = OrderedDict((m["op"], get_operation(m["op"])) for m in measurements)
+    for op in ops.values():
+        out.append(f"{op.name}: {op.description}")
+    out.append("times: median [p20, p80] over repetitions; bwd is the backward half of the fwd+bwd step; "
+               "TFLOP/s = model FLOPs of fwd+bwd over N valid tokens / median fwd+bwd time; "
+               "peak extra MiB = peak memory of one fwd+bwd above the memory held before it (inputs excluded), "
+               "measured in a separate process from the timing")
+    for key, rows in _by_case(measurements).items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        if not ok:
+            continue
+        e = ok[0]["extra"]
+        if "mean_entropy_nats" in e:
+            kl = f", mean KL(ref||policy) {e['mean_kl_nats']:.3f} nats" if "mean_kl_nats" in e else ""
+            out.append(f"{key}: inputs' mean entropy {e['mean_entropy_nats']:.2f} nats over "
+                       f"{e['entropy_measured_on_tokens']} valid tokens (logit std {e['logit_std']:.2f}){kl}")
+        base = _baseline(rows)
+        rtol = CHECK_RTOL.get(rows[0]["dtype"], 1e-2)
+        for r in ok:
+            if base is None or r is base or not r.get("summary") or not base.get("summary"):
+                continue
+            for name, v in r["summary"].items():
+                b = base["summary"].get(name)
+                if b is not None and abs(v - b) > rtol * max(1.0, abs(b)):
+                    out.append(f"WARNING {key}: {r['impl']} {name}={v:.6g} differs from {base['impl']} {b:.6g}")
+    return out
+
+
+def write_json(path: Path, payload: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+
+
+def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -> Optional[str]:
+    """Time and peak memory vs N per impl, one row of panels per (operation, head, dtype); bars
+    when a group has a single N. Returns a reason when no plot was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on benchmark machines
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); plot skipped"
+
+    groups: "OrderedDict[tuple, List[Dict[str, Any]]]" = OrderedDict()
+    for m in measurements:
+        if m["status"] == "ok":
+            s = m["shape"]
+            groups.setdefault((m["op"], s["dim"], s["vocab"], m["dtype"], s.get("label", "")), []).append(m)
+    if not groups:
+        return "no successful measurement to plot"
+
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
+    for (ax_t, ax_m), ((op, dim, vocab, dtype, label), rows) in zip(axes, groups.items()):
+        impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
+        ns = sorted({r["shape"]["valid_tokens"] for r in rows})
+        for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median, p20-p80)"), (ax_m, "peak extra memory, MiB")):
+            ax.set_title(f"{op} {label} D={dim} V={vocab} {dtype}".replace("  ", " "), fontsize=9)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.grid(alpha=0.3)
+        if len(ns) == 1:
+            for i, impl in enumerate(impls):
+                r = next(x for x in rows if x["impl"] == impl)
+                q = r["time"]["fwd_bwd_ms"]
+                ax_t.bar(i, q["median"], yerr=[[q["median"] - q["p20"]], [q["p80"] - q["median"]]], capsize=4)
+                ax_m.bar(i, r["memory"]["fwd_bwd_peak_mib"])
+            for ax in (ax_t, ax_m):
+                ax.set_xticks(range(len(impls)), impls)
+                ax.set_xlabel(f"impl (N = {ns[0]} valid tokens)", fontsize=8)
+        else:
+            for impl in impls:
+                rs = sorted((x for x in rows if x["impl"] == impl), key=lambda x: x["shape"]["valid_tokens"])
+                n = [x["shape"]["valid_tokens"] for x in rs]
+                med = [x["time"]["fwd_bwd_ms"]["median"] for x in rs]
+                err = [[x["time"]["fwd_bwd_ms"]["median"] - x["time"]["fwd_bwd_ms"]["p20"] for x in rs],
+                       [x["time"]["fwd_bwd_ms"]["p80"] - x["time"]["fwd_bwd_ms"]["median"] for x in rs]]
+                ax_t.errorbar(n, med, yerr=err, marker="o", capsize=3, label=impl)
+                ax_m.plot(n, [x["memory"]["fwd_bwd_peak_mib"] for x in rs], marker="o", label=impl)
+            for ax in (ax_t, ax_m):
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("N valid tokens", fontsize=8)
+                ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
