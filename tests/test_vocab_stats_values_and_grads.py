@@ -462,3 +462,42 @@ def test_empty_token_batch(impl: str, token_shape, J, device: str, gen: torch.Ge
     assert res.values["lse"].shape == token_shape
     assert res.grads["hidden"].shape == leaves["hidden"].shape
     assert (res.grads["weight"] == 0).all() and (res.grads["bias"] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Triton forward split over the vocabulary (the default on a GPU when rows are few)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("case", [
+    pytest.param(Case(token_shape=(2, 7), V=101, D=20, bias=True, ref_bias=True, **FULL), id="v101-full"),
+    pytest.param(Case(token_shape=(9,), V=70, D=16, J=3, softcap=4.0, temperature=0.7, scale=8.0, **FULL),
+                 id="multi-softcap-peaked"),
+])
+def test_triton_split_vocabulary_merge(case: Case, splits: int, device: str, gen: torch.Generator,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-split max / sum-exp / entropy / KL accumulators re-based on the global maxima must give
+    the single-pass statistics: forced splits exercise ``combine_partials`` under the interpreter."""
+    monkeypatch.setenv("TOKPO_FORWARD_SPLITS", str(splits))
+    stored, prep, cot = build(case, gen)
+    opts = case.opts()
+    res = run_impl(stored, cot, prep, "triton", device, torch.float32, opts)
+    ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
+    check_structure(res, stored, prep, opts, torch.float32)
+    zmax = _transformed_max(O.max_logit(res.leaves, prep), case.temperature, case.softcap)
+    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_triton_split_vocabulary_merge_huge_logits(splits: int, device: str, gen: torch.Generator,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splits whose maxima differ by thousands: the re-basing terms (M − m_s) are huge there."""
+    monkeypatch.setenv("TOKPO_FORWARD_SPLITS", str(splits))
+    leaves = O.make_huge_logit_leaves(gen)
+    opts = dict(kl=True, entropy=True, ignore_index=-100, temperature=1.0, softcap=None)
+    cot = O.make_cotangents(leaves["targets"], (leaves["hidden"].shape[0],), gen)
+    res = run_impl(leaves, cot, None, "triton", device, torch.float32, opts)
+    ref = O.oracle_result(res.leaves, cot, **opts)
+    zmax = _transformed_max(O.max_logit(res.leaves), 1.0, None)
+    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
