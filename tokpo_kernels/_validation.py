@@ -102,6 +102,7 @@ def validate_vocab_stats_inputs(
     temperature: float,
     softcap: Optional[float],
     impl: str,
+    filter_eps: object = None,
 ) -> Tuple[Tuple[int, ...], bool, str]:
     """Checks the arguments of ``linear_vocab_stats``.
 
@@ -188,6 +189,11 @@ def validate_vocab_stats_inputs(
     )
     check_positive("temperature", temperature, allow_none=False)
     check_positive("softcap", softcap, allow_none=True)
+    if filter_eps is not None and filter_eps != "auto":
+        if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not (
+            0 <= filter_eps < 1 and math.isfinite(filter_eps)
+        ):
+            raise ValueError(f"filter_eps: expected None, 'auto' or a number in [0, 1), got {filter_eps!r}")
     resolved = resolve_impl(impl, hidden.device)
     if resolved == "triton":
         for name, t in (("hidden", hidden), ("ref_hidden", ref_hidden)):

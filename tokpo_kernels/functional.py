@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -27,6 +27,7 @@ def linear_vocab_stats(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
 ) -> VocabStats:
     """Per-token statistics of ``softmax(h Wᵀ + b)`` without materialising the (N, V) logits.
 
@@ -49,6 +50,11 @@ def linear_vocab_stats(
         softcap: Gemma-style final-logit soft-capping value; must be > 0 when given.
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch),
             ``"naive"`` (full logits; the oracle) or ``"auto"`` (triton on CUDA, torch otherwise).
+        filter_eps: opt-in approximation of the Triton backward: ``None`` (default, exact), a float,
+            or ``"auto"`` (the input dtype's resolution, 2**-7 for bf16). Vocabulary tiles whose
+            policy (and reference) probabilities are all below it and that hold no target id are
+            skipped, so their contribution (below the dtype's resolution relative to the row's
+            gradient) is dropped. The torch and naive implementations ignore it (always exact).
 
     Returns:
         ``VocabStats`` with fp32 ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
@@ -62,7 +68,7 @@ def linear_vocab_stats(
     """
     token_shape, multi, resolved = validate_vocab_stats_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-        kl, entropy, ignore_index, temperature, softcap, impl,
+        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps,
     )
     params = StatsParams(
         ignore_index=ignore_index,
@@ -70,6 +76,7 @@ def linear_vocab_stats(
         softcap=None if softcap is None else float(softcap),
         kl=bool(kl),
         entropy=bool(entropy),
+        filter_eps=filter_eps,
     )
     dim = hidden.shape[-1]
     n = 1

@@ -69,18 +69,21 @@ def backward_variants(dtype, target):
     cfg = _cfg(dtype, "bwd")
     fn = bwd_mod._backward_kernel
     ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
-    ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", inv_temperature="fp32", softcap="fp32")
+    ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", inv_temperature="fp32", softcap="fp32",
+                filter_eps="fp32")
     for n in ("lse_ptr", "ref_lse_ptr", "ent_ptr", "g_lse_ptr", "g_tgt_ptr", "g_kl_ptr", "g_ent_ptr",
               "dh_ptr", "dw_ptr", "db_ptr"):
         ptrs[n] = "*fp32"
     for use_q, ent, sc, bias in itertools.product([False, True], [False, True], [False, True], [False, True]):
+        # the tile filter is compiled into the softcap+bias variants (one switch less to multiply)
         const = dict(HAS_BIAS=bias, HAS_REF_BIAS=bias and use_q, HAS_SOFTCAP=sc, USE_Q=use_q, USE_ENTROPY=ent,
+                     FILTER=sc,
                      NEED_DH=True, NEED_DW=True, NEED_DB=bias, UPCAST=False, DOT_PRECISION="ieee",
                      BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n)
         sig = _sig(fn, ptrs)
         for k in const:
             sig[k] = "constexpr"
-        yield f"bwd {dt} q={use_q} ent={ent} softcap={sc} bias={bias}", fn, sig, const, cfg
+        yield f"bwd {dt} q={use_q} ent={ent} softcap={sc} bias={bias} filter={sc}", fn, sig, const, cfg
 
 
 def main() -> int:

@@ -119,9 +119,15 @@ def store_target_logits(z, tgt_ptr, out_ptr, rows, row_mask, offs_v, col_mask, J
 
 @triton.jit
 def target_grad_tile(dz, tgt_ptr, g_tgt_ptr, rows, row_mask, offs_v, J, stride_tn, stride_tj):
-    """``dz += Σ_j g_j · e_{y_j}`` on this tile (ignored targets carry g_j = 0)."""
+    """``dz += Σ_j g_j · e_{y_j}`` on this tile (ignored targets carry g_j = 0).
+
+    Also returns how many target ids of valid rows fall in the tile (tiles holding a target are
+    never filtered)."""
+    hits = 0
     for j in range(0, J):
         t = tl.load(tgt_ptr + rows * stride_tn + j * stride_tj, mask=row_mask, other=-1)
         g = tl.load(g_tgt_ptr + rows * J + j, mask=row_mask, other=0.0)
-        dz += tl.where(offs_v[None, :] == t[:, None], g[:, None], 0.0)
-    return dz
+        hit = offs_v[None, :] == t[:, None]
+        dz += tl.where(hit, g[:, None], 0.0)
+        hits += tl.sum(hit.to(tl.int32))
+    return dz, hits

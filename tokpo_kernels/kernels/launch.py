@@ -34,6 +34,13 @@ def _kernel_flags(dtype: torch.dtype) -> Tuple[bool, str]:
     return upcast, "ieee"
 
 
+def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> Optional[float]:
+    """``"auto"``: the input dtype's resolution (``torch.finfo(dtype).eps``: 2**-7 for bf16)."""
+    if filter_eps == "auto":
+        return float(torch.finfo(dtype).eps)
+    return filter_eps
+
+
 def _ids(targets: torch.Tensor) -> torch.Tensor:
     return targets if targets.dtype in (torch.int32, torch.int64) else targets.long()
 
@@ -93,6 +100,7 @@ def triton_backward(
         f32(grads.g_lse), f32(grads.g_tgt), f32(grads.g_kl), f32(grads.g_entropy),
         dh, dw, db,
         inv_temperature=1.0 / params.temperature, softcap=params.softcap,
+        filter_eps=resolve_filter_eps(params.filter_eps, h.dtype),
         upcast=upcast, dot_precision=precision,
         block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

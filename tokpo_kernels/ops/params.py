@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 
 @dataclass(frozen=True)
@@ -16,6 +16,9 @@ class StatsParams:
         softcap: ``z = softcap · tanh(r / softcap)`` when set (Gemma style).
         kl: compute ``KL(ref || policy)`` per token.
         entropy: compute the policy entropy per token.
+        filter_eps: ``None`` (exact), ``"auto"`` or a float: the Triton backward skips vocabulary
+            tiles whose probabilities are all below it and that hold no target (opt-in speed-up,
+            an approximation; the other implementations are always exact).
     """
 
     ignore_index: int = -100
@@ -23,3 +26,4 @@ class StatsParams:
     softcap: Optional[float] = None
     kl: bool = False
     entropy: bool = False
+    filter_eps: Optional[Union[float, str]] = None
