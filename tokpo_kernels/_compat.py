@@ -1,20 +1,18 @@
 """Feature detection for optional dependencies, in one place.
 
-Nothing here touches CUDA at import time: probing a device is left to call time so that
-``import tokpo_kernels`` is cheap and works on machines without a GPU.
+Nothing here imports triton or touches CUDA: ``import tokpo_kernels`` must stay cheap and must not
+fix Triton's mode early. Triton decides at its own import whether its standard library
+(``tl.zeros`` etc. are ``@triton.jit`` functions) runs under the CPU interpreter, so importing it
+here would break callers that set ``TRITON_INTERPRET=1`` after importing this package. The
+kernels are imported on first use of ``impl="triton"`` instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
-try:  # triton is a declared dependency, but a broken install must not break the torch path.
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    HAS_TRITON = False
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreter_enabled() -> bool:
