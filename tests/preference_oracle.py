@@ -137,8 +137,8 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
     met = {k: [] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                            "kl/chosen", "kl/rejected", "kl/margin", "logps/chosen", "logps/rejected")}
     for b in range(n):
-        kc, kr = (K[b], K[n + b]) if preference == "tdpo2" else (like.new_zeros(()), like.new_zeros(()))
-        rc, rr = beta * (Mw[b] + kc), beta * (Mw[n + b] + kr)
+        # METHODS §3: metrics as TDPO with the weighted margin, β(M_w + K), for both preference forms
+        rc, rr = beta * (Mw[b] + K[b]), beta * (Mw[n + b] + K[n + b])
         met["rewards/chosen"].append(rc)
         met["rewards/rejected"].append(rr)
         met["rewards/accuracies"].append((rc > rr).double())

@@ -501,3 +501,17 @@ def test_triton_split_vocabulary_merge_huge_logits(splits: int, device: str, gen
     ref = O.oracle_result(res.leaves, cot, **opts)
     zmax = _transformed_max(O.max_logit(res.leaves), 1.0, None)
     assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+
+
+def test_triton_split_vocabulary_merge_with_an_empty_split(device: str, gen: torch.Generator,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """V = 100 in 3 splits of whole 32-column tiles: 64 + 36 + 0 columns; the empty split must get
+    weight 0 in the merge (its m = -inf, s = 0) instead of producing NaN."""
+    monkeypatch.setenv("TOKPO_FORWARD_SPLITS", "3")
+    case = Case(token_shape=(2, 5), V=100, D=12, bias=True, **FULL)
+    stored, prep, cot = build(case, gen)
+    opts = case.opts()
+    res = run_impl(stored, cot, prep, "triton", device, torch.float32, opts)
+    ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
+    check_structure(res, stored, prep, opts, torch.float32)
+    assert_matches_oracle(res, ref, vatol=1e-4)

@@ -22,7 +22,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tokpo_kernels.kernels import backward as bwd_mod  # noqa: E402
 from tokpo_kernels.kernels import forward_stats as fwd_mod  # noqa: E402
-from tokpo_kernels.kernels.configs import KernelConfig  # noqa: E402
+from tokpo_kernels.kernels.configs import KernelConfig, tuning_space  # noqa: E402
+
+# Largest dynamic shared memory one block may use on sm_90 (H100/H200): 227 KiB.
+SM90_MAX_SHARED = 232448
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -44,9 +47,9 @@ def _sig(fn, dtypes):
     return {name: dtypes.get(name, "i32") for name in fn.arg_names}
 
 
-def forward_variants(dtype, target):
+def forward_variants(dtype, target, cfg=None):
     dt = _DT[dtype]
-    cfg = _cfg(dtype, "fwd")
+    cfg = cfg or _cfg(dtype, "fwd")
     fn = fwd_mod._forward_stats_kernel
     ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
     ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", tgt_logit_ptr="*fp32",
@@ -64,9 +67,9 @@ def forward_variants(dtype, target):
         yield f"fwd {dt} ref={has_ref} kl={kl} ent={ent} softcap={sc} bias={bias}", fn, sig, const, cfg
 
 
-def backward_variants(dtype, target):
+def backward_variants(dtype, target, cfg=None):
     dt = _DT[dtype]
-    cfg = _cfg(dtype, "bwd")
+    cfg = cfg or _cfg(dtype, "bwd")
     fn = bwd_mod._backward_kernel
     ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
     ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", inv_temperature="fp32", softcap="fp32",
@@ -91,20 +94,32 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--all", action="store_true", help="every flag combination (slow); default: a representative subset")
+    ap.add_argument("--space", action="store_true",
+                    help="instead: every config of the TOKPO_AUTOTUNE tuning space, all features on")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     want = {v: k for k, v in _DT.items()}
     failures = 0
     for name in args.dtypes.split(","):
         dtype = want[name]
-        variants = list(forward_variants(dtype, target)) + list(backward_variants(dtype, target))
-        if not args.all:
+        if args.space:
+            # the heaviest variant of each kernel (reference, KL, entropy, softcap, bias, filter)
+            variants = [list(forward_variants(dtype, target, c))[-1] for c in tuning_space("fwd", dtype)]
+            variants += [list(backward_variants(dtype, target, c))[-1] for c in tuning_space("bwd", dtype)]
+            variants = [(f"{v[0]} {v[4]}", *v[1:]) for v in variants]
+        else:
+            variants = list(forward_variants(dtype, target)) + list(backward_variants(dtype, target))
+        if not args.all and not args.space:
             # Representative subset: both bias settings with and without softcap, every ref/kl/ent flag.
             variants = [v for v in variants if ("softcap=True" in v[0]) == ("bias=True" in v[0])]
         for label, fn, sig, const, cfg in variants:
             try:
                 k = _compile(fn, sig, const, target, cfg)
                 md = k.metadata
+                if md.shared > SM90_MAX_SHARED:
+                    failures += 1
+                    print(f"FAIL {label}: needs {md.shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED}")
+                    continue
                 print(f"ok   {label:58s} smem={md.shared}B")
             except Exception as exc:  # report every variant, then fail
                 failures += 1

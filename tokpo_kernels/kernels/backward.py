@@ -29,12 +29,14 @@ the dtype's resolution, which removes most of them for a peaked softmax.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
     logit_tile,
@@ -165,15 +167,24 @@ def launch_backward(
     n, d = h.shape
     v = w.shape[0]
     use_q = g_kl is not None
-    dummy = lse  # stands in for absent pointers; never dereferenced (constexpr-guarded)
-    grid = (triton.cdiv(n, block_n) * triton.cdiv(v, block_v),)
-    _backward_kernel[grid](
+    dummy = lse  # stands in for absent input pointers; never dereferenced (constexpr-guarded)
+    # Absent accumulators get their own scratch: the autotuner zeroes every accumulator argument
+    # between trials, which must never reach an input such as lse.
+    scratch = torch.zeros(1, dtype=torch.float32, device=h.device)
+    if autotune_enabled() and h.is_cuda:
+        kernel, blocks = _autotuned_backward(h.dtype), {}
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)  # noqa: E731
+    else:
+        kernel = _backward_kernel
+        blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+        grid = (triton.cdiv(n, block_n) * triton.cdiv(v, block_v),)
+    kernel[grid](
         h, w, b if b is not None else dummy,
         rh if use_q else h, rw if use_q else w, rb if (use_q and rb is not None) else dummy,
         targets, row_index, n_valid,
         lse, ref_lse if use_q else dummy, entropy if g_entropy is not None else dummy,
         g_lse, g_tgt, g_kl if use_q else dummy, g_entropy if g_entropy is not None else dummy,
-        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+        dh if dh is not None else scratch, dw if dw is not None else scratch, db if db is not None else scratch,
         n, v, d, rh.shape[1] if use_q else d, targets.shape[1],
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         rh.stride(0) if use_q else 0, rh.stride(1) if use_q else 0,
@@ -183,7 +194,18 @@ def launch_backward(
         HAS_BIAS=b is not None, HAS_REF_BIAS=use_q and rb is not None, HAS_SOFTCAP=softcap is not None,
         USE_Q=use_q, USE_ENTROPY=g_entropy is not None, FILTER=bool(filter_eps),
         NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-        UPCAST=upcast, DOT_PRECISION=dot_precision,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, GROUP_N=group_n,
-        num_warps=num_warps, num_stages=num_stages,
+        UPCAST=upcast, DOT_PRECISION=dot_precision, GROUP_N=group_n, **blocks,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_backward(dtype: torch.dtype):
+    """The backward kernel under ``triton.autotune`` (``TOKPO_AUTOTUNE=1`` only); the atomically
+    accumulated buffers are zeroed before every trial so only the final run's sums remain."""
+    configs = [
+        triton.Config(dict(BLOCK_N=c.block_n, BLOCK_V=c.block_v, BLOCK_D=c.block_d),
+                      num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in tuning_space("bwd", dtype)
+    ]
+    return triton.autotune(configs=configs, key=["V", "D", "D_REF", "J"],
+                           reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])(_backward_kernel)

@@ -5,6 +5,11 @@ The CUDA defaults are untuned starting points taken from the shape of comparable
 at 8 warps; BLOCK_D = 64 bf16 = 128-byte rows for coalesced loads). They are replaced by measured
 per-GPU-family configs in the benchmarking issue; autotuning stays opt-in.
 
+``TOKPO_AUTOTUNE=1`` replaces the defaults by ``triton.autotune`` over ``tuning_space`` (keyed on
+V, D, D_ref and J; N is left out on purpose so a tuned config is reused across batch sizes).
+Every config of the space is compiled for sm_90 by ``tools/compile_for_cuda.py --space`` in CI,
+and rejected there if it needs more shared memory than an H100 has, so the space cannot rot.
+
 Under the Triton interpreter the blocks are the smallest ``tl.dot`` accepts (16) so that tiny test
 shapes still cross several vocabulary tiles and hidden-dimension steps.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import triton
@@ -66,3 +72,26 @@ def forward_splits(n_rows: int, vocab: int, cfg: KernelConfig, device: torch.dev
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     row_blocks = triton.cdiv(max(n_rows, 1), cfg.block_n)
     return max(1, min(tiles // 8, triton.cdiv(2 * sms, row_blocks)))
+
+
+def autotune_enabled() -> bool:
+    """``TOKPO_AUTOTUNE=1``: tune block sizes per (V, D, D_ref, J) at first call (CUDA only)."""
+    return os.environ.get("TOKPO_AUTOTUNE", "0") not in ("", "0")
+
+
+def tuning_space(kernel: str, dtype: torch.dtype) -> List[KernelConfig]:
+    """Candidate configs for ``kernel`` in ``{"fwd", "bwd"}`` (around the defaults: tile shape,
+    depth of the hidden-dimension step, pipeline stages).
+
+    fp32 operands take twice the shared memory per stage, so their hidden-dimension step is
+    halved: with BLOCK_D = 64 the (64 × 256) tile at 4 forward / 3 backward stages needs 240 KiB,
+    over sm_90's 227 KiB (measured by ``tools/compile_for_cuda.py --space``).
+    """
+    stages = (3, 4) if kernel == "fwd" else (2, 3)
+    shrink = 2 if dtype == torch.float32 else 1
+    space = []
+    for block_n, block_v, block_d, warps in ((64, 128, 64, 8), (128, 128, 64, 8), (64, 256, 64, 8),
+                                            (128, 64, 64, 4), (64, 64, 32, 4)):
+        for st in stages:
+            space.append(KernelConfig(block_n, block_v, block_d // shrink, warps, st))
+    return space

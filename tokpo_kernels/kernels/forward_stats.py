@@ -12,12 +12,14 @@ tokens are skipped without a host sync: programs past ``n_valid`` return before 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
     logit_tile,
@@ -39,7 +41,7 @@ def _forward_stats_kernel(
     h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr,
     tgt_ptr, row_index_ptr, n_valid_ptr,
     tgt_logit_ptr, ref_tgt_logit_ptr, part_ptr,
-    N, V, D, D_REF, J, V_PER_SPLIT,
+    N, V, D, D_REF, J, NUM_SPLITS,
     stride_hn, stride_hd, stride_wv, stride_wd,
     stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     stride_tn, stride_tj,
@@ -56,8 +58,11 @@ def _forward_stats_kernel(
     if start >= n_valid:
         return
     rows, row_mask = compacted_rows(row_index_ptr, start, n_valid, BLOCK_N)
-    v_lo = pid_s * V_PER_SPLIT
-    v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+    # Splits own whole tiles; with a BLOCK_V chosen by the autotuner the last split may be empty
+    # (then its accumulators stay at their neutral values and combine_partials gives it weight 0).
+    v_per_split = tl.cdiv(tl.cdiv(V, NUM_SPLITS), BLOCK_V) * BLOCK_V
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
 
     neg_inf = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -104,7 +109,7 @@ def launch_forward_stats(
     rh: Optional[torch.Tensor], rw: Optional[torch.Tensor], rb: Optional[torch.Tensor],
     targets: torch.Tensor, row_index: torch.Tensor, n_valid: torch.Tensor,
     tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], partials: torch.Tensor,
-    *, splits: int, v_per_split: int, inv_temperature: float, softcap: Optional[float],
+    *, splits: int, inv_temperature: float, softcap: Optional[float],
     need_kl: bool, need_entropy: bool, upcast: bool, dot_precision: str,
     block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int,
 ) -> None:
@@ -113,13 +118,19 @@ def launch_forward_stats(
     v = w.shape[0]
     has_ref = rh is not None
     dummy = h  # stands in for absent pointers; never dereferenced (constexpr-guarded)
-    grid = (triton.cdiv(n, block_n), splits)
-    _forward_stats_kernel[grid](
+    if autotune_enabled() and h.is_cuda:
+        kernel, blocks = _autotuned_forward(h.dtype), {}
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    else:
+        kernel = _forward_stats_kernel
+        blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+        grid = (triton.cdiv(n, block_n), splits)
+    kernel[grid](
         h, w, b if b is not None else dummy,
         rh if has_ref else dummy, rw if has_ref else dummy, rb if rb is not None else dummy,
         targets, row_index, n_valid,
         tgt_logit, ref_tgt_logit if has_ref else tgt_logit, partials,
-        n, v, d, rh.shape[1] if has_ref else d, targets.shape[1], v_per_split,
+        n, v, d, rh.shape[1] if has_ref else d, targets.shape[1], splits,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         rh.stride(0) if has_ref else 0, rh.stride(1) if has_ref else 0,
         rw.stride(0) if has_ref else 0, rw.stride(1) if has_ref else 0,
@@ -127,10 +138,22 @@ def launch_forward_stats(
         inv_temperature, softcap if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_REF=has_ref, HAS_REF_BIAS=rb is not None,
         HAS_SOFTCAP=softcap is not None, NEED_KL=need_kl, NEED_ENTROPY=need_entropy,
-        UPCAST=upcast, DOT_PRECISION=dot_precision,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        UPCAST=upcast, DOT_PRECISION=dot_precision, **blocks,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned_forward(dtype: torch.dtype):
+    """The forward kernel under ``triton.autotune`` (built on first use, ``TOKPO_AUTOTUNE=1`` only).
+
+    Every output is fully rewritten by each trial, so no buffer needs resetting between trials.
+    """
+    configs = [
+        triton.Config(dict(BLOCK_N=c.block_n, BLOCK_V=c.block_v, BLOCK_D=c.block_d),
+                      num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in tuning_space("fwd", dtype)
+    ]
+    return triton.autotune(configs=configs, key=["V", "D", "D_REF", "J"])(_forward_stats_kernel)
 
 
 def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_entropy: bool):
@@ -146,22 +169,27 @@ def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_
     m, s = partials[_M], partials[_S]
     big_m = m.max(0).values
     wgt = torch.exp(m - big_m)
+    # An empty split (possible with autotuned blocks) has m = -inf and s = 0: its shift M − m = inf
+    # must not meet s = 0. Key on emptiness, not on a vanishing weight: a split whose policy max is
+    # far below M still carries reference mass in the KL term.
+    shift = torch.where(s > 0, big_m - m, torch.zeros_like(m))
     s_tot = (wgt * s).sum(0)
     log_s = torch.log(s_tot)
     lse = big_m + log_s
     entropy = ref_lse = kl = None
     if need_entropy:
-        e_tot = (wgt * (partials[_E] - (big_m - m) * s)).sum(0)
+        e_tot = (wgt * (partials[_E] - shift * s)).sum(0)
         entropy = log_s - e_tot / s_tot
     if has_ref:
         mr, sr = partials[_MR], partials[_SR]
         big_mr = mr.max(0).values
         alpha = torch.exp(mr - big_mr)
+        shift_r = torch.where(sr > 0, big_mr - mr, torch.zeros_like(mr))
         sr_tot = (alpha * sr).sum(0)
         log_sr = torch.log(sr_tot)
         ref_lse = big_mr + log_sr
         if need_kl:
-            a_tot = (alpha * (partials[_A] + sr * ((big_m - m) - (big_mr - mr)))).sum(0)
+            a_tot = (alpha * (partials[_A] + sr * (shift - shift_r))).sum(0)
             # Rounding can leave a tiny negative where KL is 0 mathematically; KL >= 0 by definition.
             kl = (a_tot / sr_tot + log_s - log_sr).clamp_min(0.0)
     return lse, ref_lse, kl, entropy

@@ -55,8 +55,6 @@ def triton_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: Stat
     dev = h.device
     cfg = forward_config(h.dtype)
     splits = forward_splits(n, w.shape[0], cfg, dev)
-    v_per_split = triton.cdiv(triton.cdiv(w.shape[0], splits), cfg.block_v) * cfg.block_v
-    splits = triton.cdiv(w.shape[0], v_per_split)  # every split owns >= 1 column
     row_index, n_valid = _compaction(row_valid)
     has_ref = rh is not None
     tgt_logit = empty_output(n, j, dtype=torch.float32, device=dev)
@@ -66,7 +64,7 @@ def triton_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: Stat
     launch_forward_stats(
         h, w, _vec(b), rh, rw, _vec(rb), _ids(targets), row_index, n_valid,
         tgt_logit, ref_tgt_logit, partials,
-        splits=splits, v_per_split=v_per_split, inv_temperature=1.0 / params.temperature,
+        splits=splits, inv_temperature=1.0 / params.temperature,
         softcap=params.softcap, need_kl=params.kl, need_entropy=params.entropy,
         upcast=upcast, dot_precision=precision,
         block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d,

@@ -77,7 +77,7 @@ def dpo_loss(
 
         M_b = Σ_t m_t (ℓ_t[y_t] − ℓ_ref,t[y_t])     (divided by n_b = Σ_t m_t when averaging)
         x_b = M_c − M_r
-        sigmoid: −(1 − ε) log σ(β x) − ε log σ(−β x)      (ε = label_smoothing, cDPO; TRL)
+        sigmoid: −(1 − ε) log σ(β x) − ε log σ(−β x)      (ε = label_smoothing, cDPO, Mitchell 2023; TRL before 1.0 applied it the same way)
         ipo:     (x − 1/(2β))²                            (IPO eq. 17, β plays τ; TRL)
         hinge:   max(0, 1 − β x)                          (SLiC; TRL)
         loss = mean_b

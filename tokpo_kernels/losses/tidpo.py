@@ -108,8 +108,8 @@ def tidpo_loss(
 
     Returns:
         ``LossOutput(loss, metrics)``. Per-pair ``(B,)`` metrics as ``tdpo_loss`` with the weighted
-        margin: ``rewards/* = β(M_w + K)`` for ``"tdpo2"`` and ``β M_w`` for ``"dpo"`` (the DPO
-        reward); ``kl/*``, ``logps/*`` as TDPO; plus ``triplet_loss`` (0-d, the unweighted
+        margin: ``rewards/* = β(M_w + K)`` for both preference forms (METHODS.md §3: "metrics as
+        TDPO"); ``kl/*``, ``logps/*`` as TDPO; plus ``triplet_loss`` (0-d, the unweighted
         ``L_triplet``, 0 when skipped).
     """
     rows, _ = check_sequence_batch("hidden", hidden, targets)
@@ -182,12 +182,8 @@ def tidpo_loss(
     if kl_coef > 0:
         loss = loss + kl_coef * (0.5 * (k_c + k_r)).mean()
 
-    if preference == "tdpo2":
-        metrics = tdpo_metrics(beta, m_c, m_r, k_c, k_r, l_c, l_r)
-    else:
-        zero = torch.zeros_like(k_c)
-        metrics = tdpo_metrics(beta, m_c, m_r, zero, zero, l_c, l_r)
-        metrics["kl/chosen"], metrics["kl/rejected"] = k_c.detach(), k_r.detach()
-        metrics["kl/margin"] = (k_c - k_r).detach()
+    # METHODS §3: "metrics as TDPO (rewards use the weighted margin)", i.e. β(M_w + K) for both
+    # preference forms; the KL is still measured (and reported) when the loss does not use it.
+    metrics = tdpo_metrics(beta, m_c, m_r, k_c, k_r, l_c, l_r)
     metrics["triplet_loss"] = triplet.detach()
     return LossOutput(loss, metrics)

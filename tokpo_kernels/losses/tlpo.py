@@ -175,6 +175,8 @@ def tlpo_loss(
     """
     hidden = check_float_tensor("hidden", hidden)
     candidates = check_tensor("candidates", candidates)
+    if candidates.dtype.is_floating_point or candidates.dtype.is_complex or candidates.dtype == torch.bool:
+        raise TypeError(f"candidates: expected an integer tensor of token ids (torch.long), got {candidates.dtype}")
     advantages = check_float_tensor("advantages", advantages)
     if hidden.dim() < 1:
         raise ValueError(f"hidden: expected shape (G, D), got {tuple(hidden.shape)}")
