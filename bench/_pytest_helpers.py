@@ -1,18 +1,27 @@
-"""Shared pieces of the pytest-benchmark suites (``bench/test_bench_*.py``): which parameters a
-tier gives, and one timed measurement with its metadata in ``benchmark.extra_info``."""
+"""Shared pieces of the pytest-benchmark suites (``bench/test_bench_<op>.py``): which parameters a
+tier gives, one timed measurement with its metadata in ``benchmark.extra_info``, and the
+interpreted-Triton smoke case. Each suite module only names its operations."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import pytest
 import torch
 
 from bench.registry import DTYPES, Case, Unavailable, get_operation
-from bench.tiers import GPU_ONLY, cases, tier_device
+from bench.runner import spawn_worker
+from bench.tiers import GPU_ONLY, cases, tier_device, tiny_cases
+
+PHASES = ("fwd", "fwd_bwd")
+INTERPRETER_TIMEOUT_S = 300.0
 
 
-def case_params(config: pytest.Config, ops: List[str]) -> List[Any]:
+def _tier(config: pytest.Config) -> str:
+    return config.getoption("--tier")
+
+
+def case_params(config: pytest.Config, ops: Sequence[str]) -> List[Any]:
     """``(case, impl)`` parameters of the selected tier for the given operations, or one skipped
     parameter saying why the tier cannot run here."""
     # The plugin, not the import, decides: pytest-benchmark installed but disabled
@@ -20,26 +29,44 @@ def case_params(config: pytest.Config, ops: List[str]) -> List[Any]:
     if not config.pluginmanager.hasplugin("benchmark"):
         return [pytest.param(None, None, id="no-pytest-benchmark", marks=pytest.mark.skip(
             reason="pytest-benchmark is not installed (pip install pytest-benchmark) or is disabled"))]
-    tier = config.getoption("--tier")
+    tier = _tier(config)
     if tier in GPU_ONLY and tier_device(tier) != "cuda":
         return [pytest.param(None, None, id=f"{tier}-needs-cuda",
                              marks=pytest.mark.skip(reason=f"tier {tier} needs a CUDA device"))]
-    out = []
-    for case in cases(tier, ops):
-        for impl in get_operation(case.op).impls:
-            out.append(pytest.param(case, impl, id=f"{case.key}-{impl}"))
-    return out
+    return [pytest.param(case, impl, id=f"{case.key}-{impl}")
+            for case in cases(tier, ops) for impl in get_operation(case.op).impls]
 
 
-def run_benchmark(benchmark: Any, bench_env: Dict[str, Any], case: Case, impl: str, phase: str) -> None:
+def tiny_params(config: pytest.Config, ops: Sequence[str]) -> List[Any]:
+    """The interpreted-Triton smoke cases: only where the tier runs on CPU (on CUDA the benchmark
+    rows run the real kernels)."""
+    if tier_device(_tier(config)) == "cuda":
+        return [pytest.param(None, id="on-cuda", marks=pytest.mark.skip(
+            reason="CUDA present: the Triton impl is benchmarked natively, not interpreted"))]
+    return [pytest.param(case, id=f"{case.op}-tiny") for case in tiny_cases(ops)]
+
+
+def generate(metafunc: pytest.Metafunc, ops: Sequence[str]) -> None:
+    """``pytest_generate_tests`` of a suite module for ``ops``."""
+    if {"case", "impl"} <= set(metafunc.fixturenames):
+        metafunc.parametrize(("case", "impl"), case_params(metafunc.config, ops))
+    if "tiny_case" in metafunc.fixturenames:
+        metafunc.parametrize("tiny_case", tiny_params(metafunc.config, ops))
+
+
+def run_benchmark(benchmark: Any, bench_env: Dict[str, Any], case: Case, impl_name: str, phase: str) -> None:
     """Time ``phase`` ("fwd" or "fwd_bwd") of one (case, impl) and record what it was measured on."""
     device = torch.device(bench_env["device"])
     op = get_operation(case.op)
-    missing = op.impls[impl].missing()
+    impl = op.impls[impl_name]
+    missing = impl.missing()
     if missing:
         pytest.skip(f"not installed: {missing}")
+    elsewhere = impl.unavailable_on(str(device))
+    if elsewhere:
+        pytest.skip(f"unavailable: {elsewhere}")
     try:
-        built = op.impls[impl].build(case.shape, DTYPES[case.dtype], device)
+        built = impl.build(case.shape, DTYPES[case.dtype], device)
     except Unavailable as exc:
         pytest.skip(f"unavailable: {exc}")
     step = built.fwd if phase == "fwd" else built.fwd_bwd
@@ -52,15 +79,32 @@ def run_benchmark(benchmark: Any, bench_env: Dict[str, Any], case: Case, impl: s
     flops = op.flops(case.shape)[phase]
     benchmark.group = f"{case.key} {phase}"  # impls of one case/phase are compared side by side
     benchmark.extra_info.update(
-        operation=case.op, impl=impl, phase=phase, shape=case.shape.to_dict(), dtype=case.dtype,
-        device=bench_env["device"], device_name=bench_env["device_name"], model_flops=flops,
+        operation=case.op, impl=impl_name, impl_note=impl.note, phase=phase, shape=case.shape.to_dict(),
+        dtype=case.dtype, device=bench_env["device"], device_name=bench_env["device_name"], model_flops=flops,
         torch=bench_env["torch"], triton=bench_env["triton"], python=bench_env["python"],
+        tokpo_kernels=bench_env["tokpo_kernels"], peers=bench_env["peers"],
         commit=bench_env["commit"], dirty=bench_env["dirty"], inputs=built.extra,
     )
-    rounds = 20 if device.type == "cuda" else 5
+    rounds = 20 if device.type == "cuda" else 3
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
     stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
     if stats is not None:
         median_s = stats.stats.median
         benchmark.extra_info["median_ms"] = median_s * 1e3
         benchmark.extra_info["tflops"] = flops / median_s / 1e12
+
+
+def run_interpreted(case: Case, record_property: Any) -> None:
+    """Run the Triton impl of a tiny case under ``TRITON_INTERPRET=1`` in a fresh process (the
+    variable is read when Triton kernels are defined, so it cannot be switched on in this one) and
+    check its result against the naive impl. Its time is recorded but means little: the
+    interpreter executes kernels op by op in NumPy."""
+    spec = {"op": case.op, "impl": "triton", "shape": case.shape.to_dict(), "dtype": case.dtype, "device": "cpu",
+            "reps": 2, "warmup": 1, "mode": "time"}
+    res = spawn_worker(spec, INTERPRETER_TIMEOUT_S, {"TRITON_INTERPRET": "1"})
+    assert res["status"] == "ok", f"interpreted Triton failed: {res.get('reason')}\n{res.get('traceback', '')}"
+    naive = get_operation(case.op).impls["naive"].build(case.shape, DTYPES[case.dtype], torch.device("cpu"))
+    expected = naive.summary(naive.fwd())
+    for key, value in expected.items():
+        assert res["summary"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    record_property("interpreted_fwd_bwd_ms", res["fwd_bwd_ms"])

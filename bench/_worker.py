@@ -38,47 +38,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Clock:
+    """Timestamps for one repetition. On CUDA, events recorded on the stream time the GPU work and
+    one synchronize per repetition keeps the next repetition's launch overhead out of this one;
+    on CPU, ``perf_counter`` (the work is synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        _sync(self.device)
+
+    def ms(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+
 def _time_loops(built, device: torch.device, reps: int) -> Dict[str, List[float]]:
     """Per-repetition milliseconds of forward alone, and of forward then backward in one step
     (split into its forward and backward halves, so backward time is measured, not derived)."""
+    clock = _Clock(device)
     fwd_ms: List[float] = []
     split: List[tuple] = []
-    if device.type == "cuda":
-        # CUDA events time the GPU work; one synchronize per repetition keeps host-side launch
-        # overhead of the next repetition out of this one's measurement.
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = built.fwd()
-            b.record()
-            torch.cuda.synchronize(device)
-            fwd_ms.append(a.elapsed_time(b))
-            del out
-        for _ in range(reps):
-            a, b, c = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            a.record()
-            out = built.fwd()
-            b.record()
-            grads = built.bwd(out)
-            c.record()
-            torch.cuda.synchronize(device)
-            split.append((a.elapsed_time(b), b.elapsed_time(c)))
-            del out, grads
-    else:
-        clock = time.perf_counter
-        for _ in range(reps):
-            t0 = clock()
-            out = built.fwd()
-            fwd_ms.append((clock() - t0) * 1e3)
-            del out
-        for _ in range(reps):
-            t0 = clock()
-            out = built.fwd()
-            t1 = clock()
-            grads = built.bwd(out)
-            t2 = clock()
-            split.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3))
-            del out, grads
+    for _ in range(reps):
+        a = clock.mark()
+        out = built.fwd()
+        b = clock.mark()
+        clock.sync()
+        fwd_ms.append(clock.ms(a, b))
+        del out
+    for _ in range(reps):
+        a = clock.mark()
+        out = built.fwd()
+        b = clock.mark()
+        grads = built.bwd(out)
+        c = clock.mark()
+        clock.sync()
+        split.append((clock.ms(a, b), clock.ms(b, c)))
+        del out, grads
     return {
         "fwd_ms": fwd_ms,
         "bwd_ms": [b for _, b in split],

@@ -1,9 +1,10 @@
 """pytest-benchmark front end: ``pytest bench/ --tier cpu`` (or quick, core, sweep).
 
 Not collected by a plain ``pytest`` from the repository root (pyproject's ``testpaths`` is
-``tests``); name ``bench/`` explicitly. The suite measures time in-process with
-``benchmark.pedantic`` (fixed rounds, one warm-up); peak memory needs a fresh process per
-measurement and is reported by ``python -m bench`` instead.
+``tests``); name ``bench/`` explicitly. One ``test_bench_<op>.py`` per operation measures time
+in-process with ``benchmark.pedantic`` (fixed rounds, one warm-up) and runs the interpreted-Triton
+smoke case; ``test_peer_agreement.py`` checks peers against naive. Peak memory needs a fresh
+process per measurement and is reported by ``python -m bench`` instead.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PEER_DISTRIBUTIONS = ("liger-kernel", "cut-cross-entropy")  # PyTorch's own peer is versioned by "torch"
 
 
 def device_name(device: torch.device) -> str:
@@ -70,6 +71,8 @@ def environment(device: torch.device) -> Dict[str, Any]:
         "triton": _version("triton"),
         "numpy": _version("numpy"),
         "tokpo_kernels": _version("tokpo_kernels"),
+        # Versions of the peers' packages (None = not installed): a peer's row is only as current as this.
+        "peers": {dist: _version(dist) for dist in PEER_DISTRIBUTIONS},
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),

@@ -40,6 +40,7 @@ class Shape:
     vocab: int
     ignored_prefix: int = 0
     label: str = ""  # e.g. "llama3-8b": which model head this shape stands for
+    candidates: int = 0  # K target ids per hidden row (TLPO: rows = G groups, seq = 1); 0 = one label
 
     @property
     def tokens(self) -> int:
@@ -50,22 +51,33 @@ class Shape:
         return self.rows * (self.seq - self.ignored_prefix)
 
     def describe(self) -> str:
-        head = f"{self.label} " if self.label else ""
-        return (
-            f"{head}{self.rows}x{self.seq} tok (N={self.valid_tokens} valid), "
-            f"D={self.dim}, V={self.vocab}"
+        return f"{self.label + ' ' if self.label else ''}{self.tokens_text()}, D={self.dim}, V={self.vocab}"
+
+    def tokens_text(self) -> str:
+        if self.candidates:
+            return f"G={self.rows} groups x K={self.candidates} (N={self.valid_tokens} rows)"
+        return f"{self.rows}x{self.seq} tok (N={self.valid_tokens} valid)"
+
+    def tiny(self) -> "Shape":
+        """A few-token version of this shape (same structure: pairs stay pairs, a prompt prefix
+        stays, candidates stay), used to probe an implementation before building full inputs and
+        for the Triton-interpreter smoke cases."""
+        return Shape(
+            rows=2 if self.rows >= 2 else 1, seq=1 if self.seq == 1 else 6, dim=16, vocab=64,
+            ignored_prefix=2 if self.ignored_prefix else 0, candidates=min(self.candidates, 4),
         )
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "rows": self.rows, "seq": self.seq, "dim": self.dim, "vocab": self.vocab,
-            "ignored_prefix": self.ignored_prefix, "label": self.label,
+            "ignored_prefix": self.ignored_prefix, "label": self.label, "candidates": self.candidates,
             "tokens": self.tokens, "valid_tokens": self.valid_tokens,
         }
 
     @staticmethod
     def from_dict(d: Dict[str, Any]) -> "Shape":
-        return Shape(d["rows"], d["seq"], d["dim"], d["vocab"], d.get("ignored_prefix", 0), d.get("label", ""))
+        return Shape(d["rows"], d["seq"], d["dim"], d["vocab"], d.get("ignored_prefix", 0), d.get("label", ""),
+                     d.get("candidates", 0))
 
 
 @dataclass
@@ -95,13 +107,21 @@ Builder = Callable[[Shape, torch.dtype, torch.device], Built]
 
 @dataclass(frozen=True)
 class Impl:
-    """One way to compute an operation. ``requires`` lists importable modules (peers' packages):
-    when one is missing the row reads "not installed: <module>" without starting a worker."""
+    """One way to compute an operation.
+
+    ``requires`` lists importable modules (a peer's package): when one is missing the row reads
+    "not installed: <module>" without starting a worker. ``devices`` lists the device types it can
+    run on (Triton kernels: CUDA only): elsewhere the row reads "unavailable: needs CUDA ..." at
+    once, again without a worker. ``note`` says what exactly the impl computes and how it is
+    configured (printed under the table and stored in the JSON).
+    """
 
     name: str
-    build: Builder
+    build: "Builder"
     requires: Tuple[str, ...] = ()
+    devices: Tuple[str, ...] = ("cpu", "cuda")
     note: str = ""
+    device_note: str = ""  # why it is limited to ``devices`` (e.g. "Triton kernels")
 
     def missing(self) -> Optional[str]:
         for mod in self.requires:
@@ -112,16 +132,31 @@ class Impl:
                 return mod
         return None
 
+    def unavailable_on(self, device: str) -> Optional[str]:
+        """Why this impl cannot run on ``device`` ("cpu", "cuda:0", ...), or None."""
+        kind = torch.device(device).type
+        if kind in self.devices:
+            return None
+        why = f"needs {' or '.join(d.upper() for d in self.devices)}"
+        return f"{why}: {self.device_note}" if self.device_note else why
+
 
 @dataclass
 class Operation:
     """A benchmarked quantity. ``flops(shape)`` returns model FLOPs ``{"fwd": .., "fwd_bwd": ..}``
     for the valid tokens; TFLOP/s of every implementation is computed from this one model, so it
-    compares time-to-solution (an implementation that does redundant work does not get credit)."""
+    compares time-to-solution (an implementation that does redundant work does not get credit).
+
+    ``make_inputs(shape, dtype, device)`` builds the one set of inputs every implementation of
+    the operation receives (so peers and this library's impls compute on identical tensors);
+    ``summary(forward_output)`` gives the scalars (e.g. the loss) compared across implementations.
+    """
 
     name: str
     description: str
     flops: Callable[[Shape], Dict[str, float]]
+    make_inputs: Optional[Callable[[Shape, torch.dtype, torch.device], Any]] = None
+    summary: Optional[Callable[[Any], Dict[str, float]]] = None  # scalars of a forward's output to cross-check impls
     impls: Dict[str, Impl] = field(default_factory=dict)
     baseline: str = "naive"  # ratios in the table are relative to this impl
 
@@ -183,4 +218,5 @@ class Case:
     @property
     def key(self) -> str:
         s = self.shape
-        return f"{self.op}-{self.dtype}-B{s.rows}xT{s.seq}-p{s.ignored_prefix}-D{s.dim}-V{s.vocab}"
+        k = f"-K{s.candidates}" if s.candidates else ""
+        return f"{self.op}-{self.dtype}-B{s.rows}xT{s.seq}-p{s.ignored_prefix}{k}-D{s.dim}-V{s.vocab}"

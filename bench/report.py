@@ -7,7 +7,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from bench.registry import get_operation
+from bench.registry import Shape, get_operation
 
 # Relative disagreement of summary scalars (mean logp, lse, KL) between an impl and the baseline
 # above which the run prints a warning: the table would be comparing different computations.
@@ -28,16 +28,16 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _shape_cell(shape: Dict[str, Any]) -> str:
-    label = f"{shape['label']} " if shape.get("label") else ""
-    return (f"{label}{shape['rows']}x{shape['seq']} (N={shape['valid_tokens']} valid) "
-            f"D={shape['dim']} V={shape['vocab']}")
+def shape_cell(shape: Dict[str, Any]) -> str:
+    return Shape.from_dict(shape).describe().replace(" tok", "").replace(",", "")
 
 
-def _by_case(measurements: Sequence[Dict[str, Any]]) -> "OrderedDict[str, List[Dict[str, Any]]]":
-    groups: "OrderedDict[str, List[Dict[str, Any]]]" = OrderedDict()
+def _by_case(measurements: Sequence[Dict[str, Any]]) -> "OrderedDict[tuple, List[Dict[str, Any]]]":
+    """Rows grouped by case (and by source file, when rows of several runs are tabulated together:
+    ratios are only taken within one run)."""
+    groups: "OrderedDict[tuple, List[Dict[str, Any]]]" = OrderedDict()
     for m in measurements:
-        groups.setdefault(m["case"], []).append(m)
+        groups.setdefault((m.get("source"), m["case"]), []).append(m)
     return groups
 
 
@@ -46,18 +46,29 @@ def _baseline(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return next((r for r in rows if r["impl"] == name and r["status"] == "ok"), None)
 
 
-def markdown_table(measurements: Sequence[Dict[str, Any]]) -> str:
+def short_reason(row: Dict[str, Any]) -> str:
+    """``"unavailable: needs CUDA"`` rather than the full explanation (kept in the JSON and notes)."""
+    reason = row["reason"] or row["status"]
+    if not reason.startswith(("unavailable", "not installed")):
+        reason = f"{row['status']}: {reason}"
+    head, _, rest = reason.partition(": ")
+    return f"{head}: {rest.split(': ')[0]}" if rest else head
+
+
+def markdown_table(measurements: Sequence[Dict[str, Any]], *, full_reasons: bool = True) -> str:
+    """One row per (case, impl). Rows carrying a ``source`` key (``python -m bench.readme``) get a
+    source column with it."""
+    with_source = any("source" in m for m in measurements)
     head = ["operation", "impl", "shape", "dtype", "fwd ms", "bwd ms", "fwd+bwd ms", "peak extra MiB",
-            "TFLOP/s", "time vs naive", "mem vs naive"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 7) + "|"]
+            "TFLOP/s", "time vs naive", "mem vs naive"] + (["source"] if with_source else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 7 + ["---"] * with_source) + "|"]
     for rows in _by_case(measurements).values():
         base = _baseline(rows)
         for r in rows:
-            cells = [r["op"], r["impl"], _shape_cell(r["shape"]), r["dtype"]]
+            cells = [r["op"], r["impl"], shape_cell(r["shape"]), r["dtype"]]
             if r["status"] != "ok":
-                reason = r["reason"] or r["status"]
-                if not reason.startswith(("unavailable", "not installed")):
-                    reason = f"{r['status']}: {reason}"
+                reason = (r["reason"] if r["reason"].startswith(("unavailable", "not installed"))
+                          else f"{r['status']}: {r['reason']}") if full_reasons else short_reason(r)
                 cells += [_cell(reason)] + ["–"] * 6
             else:
                 t, mem = r["time"], r["memory"]["fwd_bwd_peak_mib"]
@@ -70,29 +81,39 @@ def markdown_table(measurements: Sequence[Dict[str, Any]]) -> str:
                     tr = mr = "n/a"
                 cells += [_ms(t["fwd_ms"]), _ms(t["bwd_ms"]), _ms(t["fwd_bwd_ms"]), f"{mem:.1f}",
                           f"{r['tflops']['fwd_bwd']:.3g}", tr, mr]
+            if with_source:
+                cells.append(r.get("source", ""))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def notes(measurements: Sequence[Dict[str, Any]]) -> List[str]:
-    """Footnotes: what the columns mean, the inputs' measured statistics, and any cross-check failure."""
+    """Footnotes: what the operations and impls are, what the columns mean, the inputs' measured
+    statistics, and any cross-check failure."""
     out: List[str] = []
     ops = OrderedDict((m["op"], get_operation(m["op"])) for m in measurements)
     for op in ops.values():
         out.append(f"{op.name}: {op.description}")
+    impl_notes = OrderedDict(((m["op"], m["impl"]), m.get("note")) for m in measurements if m.get("note"))
+    seen = set()
+    for (op_name, impl), note in impl_notes.items():
+        if (impl, note) not in seen:  # the library's impls have one note for every operation
+            seen.add((impl, note))
+            out.append(f"{impl}: {note}")
     out.append("times: median [p20, p80] over repetitions; bwd is the backward half of the fwd+bwd step; "
                "TFLOP/s = model FLOPs of fwd+bwd over N valid tokens / median fwd+bwd time; "
                "peak extra MiB = peak memory of one fwd+bwd above the memory held before it (inputs excluded), "
                "measured in a separate process from the timing")
-    for key, rows in _by_case(measurements).items():
+    for (_, key), rows in _by_case(measurements).items():
         ok = [r for r in rows if r["status"] == "ok"]
         if not ok:
             continue
         e = ok[0]["extra"]
         if "mean_entropy_nats" in e:
             kl = f", mean KL(ref||policy) {e['mean_kl_nats']:.3f} nats" if "mean_kl_nats" in e else ""
+            lp = f", mean label log-prob {e['mean_label_logp']:.2f}" if "mean_label_logp" in e else ""
             out.append(f"{key}: inputs' mean entropy {e['mean_entropy_nats']:.2f} nats over "
-                       f"{e['entropy_measured_on_tokens']} valid tokens (logit std {e['logit_std']:.2f}){kl}")
+                       f"{e['entropy_measured_on_tokens']} valid tokens (logit std {e['logit_std']:.2f}){kl}{lp}")
         base = _baseline(rows)
         rtol = CHECK_RTOL.get(rows[0]["dtype"], 1e-2)
         for r in ok:
@@ -102,6 +123,35 @@ def notes(measurements: Sequence[Dict[str, Any]]) -> List[str]:
                 b = base["summary"].get(name)
                 if b is not None and abs(v - b) > rtol * max(1.0, abs(b)):
                     out.append(f"WARNING {key}: {r['impl']} {name}={v:.6g} differs from {base['impl']} {b:.6g}")
+    return out
+
+
+def acceptance(measurements: Sequence[Dict[str, Any]], checks: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Evaluate acceptance checks (``bench.tiers.Check``) on the measured rows: forward+backward
+    peak-memory and median-time ratios of ``impl`` to ``against`` on the check's case."""
+    out: List[Dict[str, Any]] = []
+    for c in checks:
+        rows = {m["impl"]: m for m in measurements if m["case"] == c.case.key}
+        a, b = rows.get(c.impl), rows.get(c.against)
+        res: Dict[str, Any] = {"source": c.source, "case": c.case.key, "impl": c.impl, "against": c.against,
+                               "max_memory_ratio": c.max_memory_ratio, "max_time_ratio": c.max_time_ratio}
+        head = f"{c.source} acceptance, {c.case.op} {shape_cell(c.case.shape.to_dict())} {c.case.dtype}"
+        if not a or not b or a["status"] != "ok" or b["status"] != "ok":
+            why = "not measured" if not a or not b else (a["reason"] if a["status"] != "ok" else b["reason"])
+            out.append({**res, "passed": None, "text": f"{head}: {c.impl} vs {c.against}: {why}"})
+            continue
+        mem = a["memory"]["fwd_bwd_peak_mib"] / max(b["memory"]["fwd_bwd_peak_mib"], 1e-9)
+        tim = a["time"]["fwd_bwd_ms"]["median"] / b["time"]["fwd_bwd_ms"]["median"]
+        ok_mem, ok_time = mem <= c.max_memory_ratio, tim <= c.max_time_ratio
+        res.update(memory_ratio=mem, time_ratio=tim, passed=ok_mem and ok_time)
+        res["text"] = (
+            f"{head}: {c.impl} vs {c.against}, forward+backward: peak extra memory "
+            f"{a['memory']['fwd_bwd_peak_mib']:.1f} vs {b['memory']['fwd_bwd_peak_mib']:.1f} MiB = {mem:.3f}x "
+            f"({1 / mem if mem > 0 else float('inf'):.1f}x less; needs <= {c.max_memory_ratio:.3f}x: "
+            f"{'PASS' if ok_mem else 'FAIL'}), median time {a['time']['fwd_bwd_ms']['median']:.0f} vs "
+            f"{b['time']['fwd_bwd_ms']['median']:.0f} ms = {tim:.2f}x (needs <= {c.max_time_ratio}x: "
+            f"{'PASS' if ok_time else 'FAIL'})")
+        out.append(res)
     return out
 
 
@@ -146,7 +196,7 @@ def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -
                 ax_t.bar(i, q["median"], yerr=[[q["median"] - q["p20"]], [q["p80"] - q["median"]]], capsize=4)
                 ax_m.bar(i, r["memory"]["fwd_bwd_peak_mib"])
             for ax in (ax_t, ax_m):
-                ax.set_xticks(range(len(impls)), impls)
+                ax.set_xticks(range(len(impls)), impls, rotation=15, fontsize=8)
                 ax.set_xlabel(f"impl (N = {ns[0]} valid tokens)", fontsize=8)
         else:
             for impl in impls:
@@ -163,7 +213,7 @@ def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -
                 ax.set_xlabel("N valid tokens", fontsize=8)
                 ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # leave the top 0.35 in to the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

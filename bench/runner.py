@@ -30,8 +30,10 @@ def quantiles(samples) -> Optional[Dict[str, Any]]:
     return {"median": float(p50), "p20": float(p20), "p80": float(p80), "samples": [float(x) for x in samples]}
 
 
-def _spawn(spec: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    env = dict(os.environ)
+def spawn_worker(spec: Dict[str, Any], timeout: float, env_extra: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run one measurement (``spec``: op, impl, shape, dtype, device, mode, reps, warmup) in a fresh
+    ``python -m bench._worker`` process and return its result dict (status "ok" or a reason)."""
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if spec["mode"] == "memory" and spec["device"].startswith("cpu"):
         # A fixed threshold disables glibc's dynamic one: every block >= 128 KiB is mmap'ed and
@@ -70,20 +72,25 @@ def run_one(case: Case, impl_name: str, device: str, *, reps: int, warmup: int, 
     if impl is None:
         return {**rec, "status": "unavailable",
                 "reason": f"{impl_name} does not compute {case.op} (registered: {', '.join(op.impls)})"}
+    rec["note"] = impl.note
     missing = impl.missing()
     if missing:
         return {**rec, "status": "not installed", "reason": f"not installed: {missing}"}
+    elsewhere = impl.unavailable_on(device)
+    if elsewhere:
+        return {**rec, "status": "unavailable", "reason": f"unavailable: {elsewhere}"}
 
     spec = {"op": case.op, "impl": impl_name, "shape": case.shape.to_dict(), "dtype": case.dtype,
             "device": device, "reps": reps, "warmup": warmup}
     for mode in ("time", "memory"):
         t0 = time.perf_counter()
-        res = _spawn({**spec, "mode": mode}, timeout)
+        res = spawn_worker({**spec, "mode": mode}, timeout)
         rec["worker_s"][mode] = round(time.perf_counter() - t0, 2)
         log(f"  {case.op:<16} {impl_name:<8} {mode:<6} {rec['worker_s'][mode]:7.1f} s  {res['status']}"
             + (f": {res.get('reason')}" if res["status"] != "ok" else ""))
         if res["status"] != "ok":
-            return {**rec, "status": "unavailable", "reason": res.get("reason") or "unknown failure",
+            reason = res.get("reason") or "unknown failure"
+            return {**rec, "status": "unavailable", "reason": f"unavailable: {reason}",
                     "traceback": res.get("traceback")}
         rec["extra"].update(res.get("extra") or {})
         if mode == "time":

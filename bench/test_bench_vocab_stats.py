@@ -1,22 +1,28 @@
-"""pytest-benchmark suite of ``linear_vocab_stats`` (with reference + KL, and without reference).
+"""pytest-benchmark suite of ``tk.linear_vocab_stats``: with a reference and ``kl=True``
+(``vocab_stats_kl``) and without (``vocab_stats``).
 
-    pytest bench/ --tier cpu                    # add --benchmark-json=out.json to keep results
+    pytest bench/test_bench_vocab_stats.py --tier cpu      # add --benchmark-json=out.json to keep results
+
+Time only, in-process (peak memory needs a fresh process per measurement: ``python -m bench``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench._pytest_helpers import case_params, run_benchmark
+from bench._pytest_helpers import PHASES, generate, run_benchmark, run_interpreted
 
 OPS = ["vocab_stats_kl", "vocab_stats"]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if {"case", "impl"} <= set(metafunc.fixturenames):
-        metafunc.parametrize(("case", "impl"), case_params(metafunc.config, OPS))
+    generate(metafunc, OPS)
 
 
-@pytest.mark.parametrize("phase", ["fwd", "fwd_bwd"])
-def test_linear_vocab_stats(benchmark, bench_env, case, impl, phase):
+@pytest.mark.parametrize("phase", PHASES)
+def test_benchmark(benchmark, bench_env, case, impl, phase):
     run_benchmark(benchmark, bench_env, case, impl, phase)
+
+
+def test_triton_interpreted(tiny_case, record_property):
+    run_interpreted(tiny_case, record_property)

@@ -1,0 +1,135 @@
+"""What every operation and peer shares: the input bundle, one builder, library registration.
+
+An operation file defines ``make_inputs(shape, dtype, device) -> Batch`` and the call of this
+library's function; a peer file defines only its own call. Both become builders through
+:func:`builder`, so probing, the interpreter guard, the backward with fixed cotangents and the
+cross-check summary exist once.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from bench.inputs import HeadInputs, loss_cotangent, make_head_inputs
+from bench.registry import Built, Impl, Operation, Shape, Unavailable, get_operation, register_impl, register_operation
+from tokpo_kernels._compat import triton_interpreter_enabled
+
+LIBRARY_IMPLS = ("naive", "torch", "triton")
+# The interpreter runs kernels op by op in NumPy to test them on CPU: at benchmark sizes it runs
+# for hours and its time says nothing about the kernels, so it is allowed on tiny cases only.
+INTERPRETER_MAX_LOGITS = 1 << 16
+
+
+@dataclass
+class Batch:
+    """One operation's inputs. ``params`` are the leaves gradients are taken for (hidden, weight,
+    and e.g. TI-DPO's anchor hidden states); ``cotangents`` are the fixed cotangents of the
+    differentiable outputs (one scalar for a loss); ``t`` holds everything else by name."""
+
+    t: Dict[str, Any]
+    params: Tuple[torch.Tensor, ...]
+    cotangents: Tuple[torch.Tensor, ...]
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.t[key]
+
+
+def head_batch(shape: Shape, dtype: torch.dtype, device: torch.device, *, reference: bool,
+               cotangents: Optional[Callable[[HeadInputs], Sequence[torch.Tensor]]] = None) -> Batch:
+    """The common inputs: hidden states, lm-head and sampled labels (and the reference's hidden
+    states and head), gradients for ``hidden`` and ``weight``; by default the cotangent of a
+    scalar loss. ``t["inputs"]`` keeps the full :class:`HeadInputs` for operations that add more."""
+    inp = make_head_inputs(shape, dtype, device, reference=reference)
+    t = {"hidden": inp.hidden, "weight": inp.weight, "targets": inp.targets, "ref_hidden": inp.ref_hidden,
+         "ref_weight": inp.ref_weight, "inputs": inp}
+    cot = tuple(cotangents(inp)) if cotangents else (loss_cotangent(device),)
+    return Batch(t=t, params=(inp.hidden, inp.weight), cotangents=cot, extra=inp.extra)
+
+
+# A forward factory turns (batch, device) into a callable that runs the forward and returns a
+# tuple: the differentiable outputs first (one per cotangent), then anything the summary needs.
+ForwardFactory = Callable[[Batch, torch.device], Callable[[], Tuple[Any, ...]]]
+Summary = Callable[[Tuple[Any, ...]], Dict[str, float]]
+
+
+def loss_summary(out: Tuple[Any, ...]) -> Dict[str, float]:
+    return {"loss": float(out[0].detach())}
+
+
+def _built(batch: Batch, forward: Callable[[], Tuple[Any, ...]], summary: Optional[Summary]) -> Built:
+    n = len(batch.cotangents)
+
+    def bwd(out: Tuple[Any, ...]):
+        return torch.autograd.grad(out[:n], batch.params, batch.cotangents)
+
+    return Built(fwd=forward, bwd=bwd, extra=dict(batch.extra), summary=summary)
+
+
+def builder(op_name: str, make_forward: ForwardFactory, *, interpreted_triton: bool = False):
+    """A registry builder ``(shape, dtype, device) -> Built`` for one implementation of ``op_name``.
+
+    The implementation first runs on a tiny version of the shape, so one that cannot run here
+    (a missing module, an unsupported option, no kernel for this device) is reported in a second
+    as "unavailable: <the error>" instead of after building full-size inputs.
+    """
+
+    def build(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
+        op = get_operation(op_name)
+        if interpreted_triton and device.type != "cuda" and triton_interpreter_enabled():
+            if shape.valid_tokens * shape.vocab > INTERPRETER_MAX_LOGITS:
+                raise Unavailable("Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1), a test tool: "
+                                  "run on tiny cases by the pytest suite, not timed at benchmark sizes")
+        try:
+            tiny = op.make_inputs(shape.tiny(), dtype, device)
+            _built(tiny, make_forward(tiny, device), op.summary).fwd_bwd()
+        except Exception as exc:  # any failure means "cannot run here"; the reason is the message
+            raise Unavailable(f"{type(exc).__name__}: {exc}".strip()) from exc
+        batch = op.make_inputs(shape, dtype, device)
+        return _built(batch, make_forward(batch, device), op.summary)
+
+    return build
+
+
+LIBRARY_NOTES = {
+    "naive": "tokpo_kernels impl='naive': full logits, autograd (the papers' materialised way)",
+    "torch": "tokpo_kernels impl='torch': chunked PyTorch over valid tokens, recompute in backward",
+    "triton": "tokpo_kernels impl='triton': fused forward-statistics and backward Triton kernels",
+}
+TRITON_DEVICE_NOTE = ("Triton kernels (on CPU they run only under TRITON_INTERPRET=1, a test tool the pytest "
+                      "suite runs on tiny cases)")
+
+
+def _library_forward(call: Callable[[Batch, str], Tuple[Any, ...]], impl: str, batch: Batch,
+                     device: torch.device) -> Callable[[], Tuple[Any, ...]]:
+    return lambda: call(batch, impl)
+
+
+def register_library_operation(name: str, description: str, flops: Callable[[Shape], Dict[str, float]],
+                               make_inputs: Callable[[Shape, torch.dtype, torch.device], Batch],
+                               call: Callable[[Batch, str], Tuple[Any, ...]], *,
+                               summary: Summary = loss_summary) -> Operation:
+    """Register an operation with this library's three impls; ``call(batch, impl)`` runs one
+    forward of the library's public function and returns the differentiable outputs first."""
+    op = register_operation(Operation(name=name, description=description, flops=flops,
+                                      make_inputs=make_inputs, summary=summary))
+    for impl in LIBRARY_IMPLS:
+        triton = impl == "triton"
+        op.impls[impl] = Impl(
+            name=impl, build=builder(name, functools.partial(_library_forward, call, impl), interpreted_triton=triton),
+            devices=("cuda",) if triton else ("cpu", "cuda"), note=LIBRARY_NOTES[impl],
+            device_note=TRITON_DEVICE_NOTE if triton else "",
+        )
+    return op
+
+
+def register_peer(op_name: str, name: str, make_forward: ForwardFactory, *, requires: Sequence[str], note: str,
+                  devices: Tuple[str, ...] = ("cpu", "cuda"), device_note: str = "") -> None:
+    """Register another library's implementation of ``op_name``; it is built on the operation's
+    own inputs (``make_forward(batch, device)``), so it computes on the same tensors."""
+    register_impl(op_name, Impl(name=name, build=builder(op_name, make_forward), requires=tuple(requires),
+                                devices=devices, note=note, device_note=device_note))
