@@ -108,3 +108,14 @@ def run_interpreted(case: Case, record_property: Any) -> None:
     for key, value in expected.items():
         assert res["summary"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     record_property("interpreted_fwd_bwd_ms", res["fwd_bwd_ms"])
+
+
+# The two tests every ``test_bench_<op>.py`` module runs: a module imports them and declares its
+# ``OPS``; ``bench/conftest.py`` parametrises them per module.
+@pytest.mark.parametrize("phase", PHASES)
+def test_benchmark(benchmark, bench_env, case, impl, phase):
+    run_benchmark(benchmark, bench_env, case, impl, phase)
+
+
+def test_triton_interpreted(tiny_case, record_property):
+    run_interpreted(tiny_case, record_property)

@@ -14,6 +14,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
+from bench._pytest_helpers import generate
 from bench.env import environment
 from bench.tiers import TIERS, tier_device
 
@@ -27,3 +28,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def bench_env(pytestconfig: pytest.Config) -> Dict[str, Any]:
     return environment(torch.device(tier_device(pytestconfig.getoption("--tier"))))
 
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrise a suite module's shared tests by the operations it declares in ``OPS``."""
+    ops = getattr(metafunc.module, "OPS", None)
+    if ops is not None:
+        generate(metafunc, ops)
