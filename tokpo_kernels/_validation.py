@@ -72,6 +72,23 @@ def check_target_range(name: str, targets: torch.Tensor, vocab: int, ignore_inde
         )
 
 
+def check_reference_pair(ref_hidden: object, ref_weight: object, *, required_by: Optional[str] = None) -> bool:
+    """True when a reference model is given: its hidden states and lm-head weight come together.
+
+    With ``required_by`` (the name of a loss that needs the full reference distribution) the pair
+    must be given.
+    """
+    given = ref_hidden is not None or ref_weight is not None
+    if (given and (ref_hidden is None or ref_weight is None)) or (required_by and not given):
+        who = required_by or "a reference model"
+        raise ValueError(
+            f"{who} needs both ref_hidden and ref_weight, got "
+            f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
+            f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
+        )
+    return given
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
@@ -146,14 +163,8 @@ def validate_vocab_stats_inputs(
             raise ValueError(f"bias: expected shape ({vocab},), got {_shape(bias)}")
         check_float("bias", bias)
 
-    has_ref = ref_hidden is not None or ref_weight is not None
+    has_ref = check_reference_pair(ref_hidden, ref_weight)
     if has_ref:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError(
-                "a reference needs both ref_hidden and ref_weight, got "
-                f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
-                f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
-            )
         ref_hidden = check_tensor("ref_hidden", ref_hidden)
         ref_weight = check_tensor("ref_weight", ref_weight)
         check_float("ref_hidden", ref_hidden)

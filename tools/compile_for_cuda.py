@@ -22,19 +22,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tokpo_kernels.kernels import backward as bwd_mod  # noqa: E402
 from tokpo_kernels.kernels import forward_stats as fwd_mod  # noqa: E402
-from tokpo_kernels.kernels.configs import KernelConfig, tuning_space  # noqa: E402
+from tokpo_kernels.kernels.configs import cuda_config, tuning_space  # noqa: E402
 
 # Largest dynamic shared memory one block may use on sm_90 (H100/H200): 227 KiB.
 SM90_MAX_SHARED = 232448
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _cfg(dtype: torch.dtype, kernel: str) -> KernelConfig:
-    # Mirror configs.py's CUDA branch without the interpreter switch.
-    if dtype == torch.float32:
-        return KernelConfig(64, 64, 32, 4, 3 if kernel == "fwd" else 2)
-    return KernelConfig(64, 128, 64, 8, 3 if kernel == "fwd" else 2)
 
 
 def _compile(fn, signature, constexprs, target, cfg):
@@ -49,7 +42,7 @@ def _sig(fn, dtypes):
 
 def forward_variants(dtype, target, cfg=None):
     dt = _DT[dtype]
-    cfg = cfg or _cfg(dtype, "fwd")
+    cfg = cfg or cuda_config("fwd", dtype)
     fn = fwd_mod._forward_stats_kernel
     ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
     ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", tgt_logit_ptr="*fp32",
@@ -69,7 +62,7 @@ def forward_variants(dtype, target, cfg=None):
 
 def backward_variants(dtype, target, cfg=None):
     dt = _DT[dtype]
-    cfg = cfg or _cfg(dtype, "bwd")
+    cfg = cfg or cuda_config("bwd", dtype)
     fn = bwd_mod._backward_kernel
     ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
     ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", inv_temperature="fp32", softcap="fp32",

@@ -39,21 +39,22 @@ class KernelConfig:
 _INTERPRETER = KernelConfig(block_n=16, block_v=32, block_d=16, num_warps=1, num_stages=1, group_n=2)
 
 
-def forward_config(dtype: torch.dtype) -> KernelConfig:
-    if triton_interpreter_enabled():
-        return _INTERPRETER
+def cuda_config(kernel: str, dtype: torch.dtype) -> KernelConfig:
+    """The default CUDA config of ``kernel`` in ``{"fwd", "bwd"}`` (the forward streams the
+    vocabulary through one more pipeline stage; the backward keeps z, z_ref and dz tiles live)."""
+    stages = 3 if kernel == "fwd" else 2
     if dtype == torch.float32:
         # fp32 operands take twice the shared memory per stage.
-        return KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
-    return KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3)
+        return KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=stages)
+    return KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=stages)
+
+
+def forward_config(dtype: torch.dtype) -> KernelConfig:
+    return _INTERPRETER if triton_interpreter_enabled() else cuda_config("fwd", dtype)
 
 
 def backward_config(dtype: torch.dtype) -> KernelConfig:
-    if triton_interpreter_enabled():
-        return _INTERPRETER
-    if dtype == torch.float32:
-        return KernelConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=2)
-    return KernelConfig(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=2)
+    return _INTERPRETER if triton_interpreter_enabled() else cuda_config("bwd", dtype)
 
 
 def forward_splits(n_rows: int, vocab: int, cfg: KernelConfig, device: torch.device) -> int:

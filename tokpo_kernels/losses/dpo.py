@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels._validation import check_reference_pair
 from tokpo_kernels.functional import linear_vocab_stats
 from tokpo_kernels.losses._common import (
     check_choice,
@@ -30,13 +31,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 def _reference_mode(ref_hidden, ref_weight, ref_logp, reference_free: bool) -> str:
     given = []
-    if ref_hidden is not None or ref_weight is not None:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError(
-                "a reference model needs both ref_hidden and ref_weight, got "
-                f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
-                f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
-            )
+    if check_reference_pair(ref_hidden, ref_weight):
         given.append("ref_hidden/ref_weight")
     if ref_logp is not None:
         given.append("ref_logp")

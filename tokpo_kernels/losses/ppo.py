@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels._validation import check_reference_pair
 from tokpo_kernels.functional import linear_vocab_stats
 from tokpo_kernels.losses._common import (
     check_choice,
@@ -146,14 +147,8 @@ def ppo_loss(
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ValueError(f"max_tokens: expected a positive int (or None for T={t}), got {max_tokens!r}")
-    has_ref_model = ref_hidden is not None or ref_weight is not None
+    has_ref_model = check_reference_pair(ref_hidden, ref_weight)
     if has_ref_model:
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError(
-                "a reference model needs both ref_hidden and ref_weight, got "
-                f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
-                f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
-            )
         if ref_logp is not None:
             raise ValueError("pass either ref_hidden/ref_weight or a precomputed ref_logp, not both")
         ref_hidden = _as_sequences("ref_hidden", check_float_tensor("ref_hidden", ref_hidden), b, t)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels._validation import check_reference_pair
 from tokpo_kernels.functional import linear_vocab_stats
 from tokpo_kernels.losses._common import (
     check_choice,
@@ -23,16 +24,6 @@ from tokpo_kernels.losses._common import (
 )
 
 TDPO_VARIANTS = ("tdpo1", "tdpo2")
-
-
-def check_reference(ref_hidden: object, ref_weight: object, loss: str) -> None:
-    """Both reference tensors are required by losses that need the full reference distribution."""
-    if ref_hidden is None or ref_weight is None:
-        raise ValueError(
-            f"{loss} needs the reference model's hidden states and lm-head weight (ref_hidden, ref_weight), got "
-            f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
-            f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
-        )
 
 
 def tdpo_metrics(
@@ -124,7 +115,7 @@ def tdpo_loss(
     beta = check_number("beta", beta, gt=0.0)
     alpha = check_number("alpha", alpha, ge=0.0)
     check_choice("variant", variant, TDPO_VARIANTS)
-    check_reference(ref_hidden, ref_weight, "tdpo_loss")
+    check_reference_pair(ref_hidden, ref_weight, required_by="tdpo_loss")
 
     stats = linear_vocab_stats(
         hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels._validation import check_reference_pair
 from tokpo_kernels.functional import linear_vocab_stats
 from tokpo_kernels.losses._common import (
     check_all_or_none,
@@ -26,7 +27,7 @@ from tokpo_kernels.losses._common import (
     pad_last,
     split_pairs,
 )
-from tokpo_kernels.losses.tdpo import check_reference, tdpo_metrics
+from tokpo_kernels.losses.tdpo import tdpo_metrics
 
 TIDPO_PREFERENCES = ("tdpo2", "dpo")
 
@@ -120,7 +121,7 @@ def tidpo_loss(
     margin = check_number("margin", margin)
     kl_coef = check_number("kl_coef", kl_coef, ge=0.0)
     check_choice("preference", preference, TIDPO_PREFERENCES)
-    check_reference(ref_hidden, ref_weight, "tidpo_loss")
+    check_reference_pair(ref_hidden, ref_weight, required_by="tidpo_loss")
     if token_weights is not None:
         check_float_tensor("token_weights", token_weights)
         check_shape("token_weights", token_weights, tuple(targets.shape), "like targets (2B, T)")

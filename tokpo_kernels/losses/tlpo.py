@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels._validation import check_int, check_reference_pair
 from tokpo_kernels.functional import linear_vocab_stats
 from tokpo_kernels.losses._common import (
     check_float_tensor,
@@ -175,8 +176,7 @@ def tlpo_loss(
     """
     hidden = check_float_tensor("hidden", hidden)
     candidates = check_tensor("candidates", candidates)
-    if candidates.dtype.is_floating_point or candidates.dtype.is_complex or candidates.dtype == torch.bool:
-        raise TypeError(f"candidates: expected an integer tensor of token ids (torch.long), got {candidates.dtype}")
+    check_int("candidates", candidates)
     advantages = check_float_tensor("advantages", advantages)
     if hidden.dim() < 1:
         raise ValueError(f"hidden: expected shape (G, D), got {tuple(hidden.shape)}")
@@ -194,13 +194,7 @@ def tlpo_loss(
     kl_beta = check_number("kl_beta", kl_beta, ge=0.0)
     eps_low = check_number("eps_low", eps_low, ge=0.0)
     eps_high = check_number("eps_high", eps_high, ge=0.0)
-    has_ref_model = ref_hidden is not None or ref_weight is not None
-    if has_ref_model and (ref_hidden is None or ref_weight is None):
-        raise ValueError(
-            "a reference model needs both ref_hidden and ref_weight, got "
-            f"ref_hidden={'None' if ref_hidden is None else 'a tensor'}, "
-            f"ref_weight={'None' if ref_weight is None else 'a tensor'}"
-        )
+    has_ref_model = check_reference_pair(ref_hidden, ref_weight)
     if has_ref_model and ref_logp is not None:
         raise ValueError("pass either ref_hidden/ref_weight or a precomputed ref_logp, not both")
     if kl_beta > 0 and not has_ref_model and ref_logp is None:
