@@ -132,7 +132,7 @@ def validate_vocab_stats_inputs(
     check_float("weight", weight)
     check_int("targets", targets)
     if hidden.dim() < 1:
-        raise ValueError(f"hidden: expected shape (..., D), got a 0-d tensor")
+        raise ValueError("hidden: expected shape (..., D), got a 0-d tensor")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected shape (V, D), got {_shape(weight)}")
     vocab, dim = weight.shape
