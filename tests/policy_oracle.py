@@ -240,3 +240,14 @@ def cross_entropy(h, w, targets, *, bias=None, ignore_index=-100, reduction="mea
         zsum = sum(zls) if zls else _zero()
         metrics["z_loss"] = zsum if reduction == "sum" else zsum / denom
     return loss, {k: torch.as_tensor(v).detach().double() for k, v in metrics.items()}
+
+
+# Shared by the CE / PPO / TLPO tests: max-abs error against rtol·max|expected| + atol, finite only.
+def assert_close(actual, expected, rtol=2e-4, atol=1e-6, what=""):
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (scale {scale:.3e})"

@@ -7,20 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import policy_oracle as po
+from policy_oracle import assert_close
 from tokpo_kernels.losses.cross_entropy import linear_cross_entropy
 
 IGN = -100
 HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy")
-
-
-def assert_close(actual, expected, rtol=2e-4, atol=1e-6, what=""):
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (scale {scale:.3e})"
 
 
 def make_batch(shape=(3, 5), v=43, d=12, seed=0, ignore_index=IGN, n_ignored=4):

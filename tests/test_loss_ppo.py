@@ -6,19 +6,10 @@ import pytest
 import torch
 
 import policy_oracle as po
+from policy_oracle import assert_close
 from tokpo_kernels.losses.ppo import ppo_loss
 
 IGN = -100
-
-
-def assert_close(actual, expected, rtol=2e-4, atol=1e-6, what=""):
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (scale {scale:.3e})"
 
 
 def make_batch(bsz=4, t=7, v=41, d=13, seed=0, prompt=(2, 0, 3, 1)):
