@@ -17,7 +17,7 @@ from tokpo_kernels._types import RawStats, StatGrads
 from tokpo_kernels.kernels.backward import launch_backward
 from tokpo_kernels.kernels.configs import backward_config, forward_config, forward_splits
 from tokpo_kernels.kernels.forward_stats import NUM_PARTIALS, combine_partials, launch_forward_stats
-from tokpo_kernels.ops.params import StatsParams
+from tokpo_kernels.ops.params import StatsParams, resolve_filter_eps  # noqa: F401  (re-exported)
 
 
 def _compaction(row_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -32,13 +32,6 @@ def _kernel_flags(dtype: torch.dtype) -> Tuple[bool, str]:
     # fp32 inputs get true fp32 products ("ieee"), matching torch's default matmul precision;
     # the flag has no effect on bf16/fp16 operands.
     return upcast, "ieee"
-
-
-def resolve_filter_eps(filter_eps, dtype: torch.dtype) -> Optional[float]:
-    """``"auto"``: the input dtype's resolution (``torch.finfo(dtype).eps``: 2**-7 for bf16)."""
-    if filter_eps == "auto":
-        return float(torch.finfo(dtype).eps)
-    return filter_eps
 
 
 def _ids(targets: torch.Tensor) -> torch.Tensor:
@@ -103,8 +96,5 @@ def triton_backward(
         block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return (
-        None if dh is None else dh.to(h.dtype),
-        None if dw is None else dw.to(w.dtype),
-        None if db is None else db.to(b.dtype),
-    )
+    # fp32 accumulators: the caller sums them over ranks (vocabulary-parallel) and casts once.
+    return dh, dw, db

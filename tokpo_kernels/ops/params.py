@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
 
 @dataclass(frozen=True)
 class StatsParams:
@@ -27,3 +29,10 @@ class StatsParams:
     kl: bool = False
     entropy: bool = False
     filter_eps: Optional[Union[float, str]] = None
+
+
+def resolve_filter_eps(filter_eps: Optional[Union[float, str]], dtype: torch.dtype) -> Optional[float]:
+    """``"auto"``: the input dtype's resolution (``torch.finfo(dtype).eps``: 2**-7 for bf16)."""
+    if filter_eps == "auto":
+        return float(torch.finfo(dtype).eps)
+    return None if filter_eps is None else float(filter_eps)

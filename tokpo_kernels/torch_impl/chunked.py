@@ -148,7 +148,7 @@ def chunked_backward(
     h, w, b, rh, rw, rb, targets, tvalid, row_valid, lse, ref_lse, entropy,
     grads: StatGrads, params: StatsParams, needs: Tuple[bool, bool, bool],
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Returns ``(∂hidden, ∂weight, ∂bias)`` (``None`` where ``needs`` says no)."""
+    """Returns ``(∂hidden, ∂weight, ∂bias)`` in the compute dtype (``None`` where ``needs`` says no)."""
     need_dh, need_dw, need_db = needs
     cd = compute_dtype(h.dtype)
     c = _Compact(row_valid, targets, tvalid, cd)
@@ -198,9 +198,5 @@ def chunked_backward(
     dh = None
     if need_dh:
         dh = dh_v if c.all_valid else _scatter(dh_v, c, h.shape[0])
-        dh = dh.to(h.dtype)
-    return (
-        dh,
-        None if dw is None else dw.to(w.dtype),
-        None if db is None else db.to(b.dtype),
-    )
+    # Accumulation precision (fp32, or fp64 for fp64 inputs): the caller sums over ranks and casts.
+    return dh, dw, db

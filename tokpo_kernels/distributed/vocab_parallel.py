@@ -1,0 +1,149 @@
+"""Vocabulary-parallel statistics: each rank streams its shard of the lm-head, ranks merge O(N) numbers.
+
+The lm-head weight ``[V × D]`` is split by rows over the ranks of a process group, in rank order:
+rank ``r`` holds rows ``[start_r, start_r + V_r)`` (any sizes ``V_r ≥ 1``, so ``V`` need not divide
+by the world size). Hidden states and targets are the same on every rank (target ids are global).
+
+Each rank runs the ordinary single-device implementation on its shard, as if the shard were the
+whole vocabulary, which gives per-token *local* statistics ``lse_r``, ``H_r``, ``KL_r`` (and the
+reference ``lse_q,r``). With ``w_r = e^{lse_r − lse}`` and ``v_r = e^{lse_q,r − lse_q}`` (each sums
+to 1 over ranks), the global ones follow exactly:
+
+    lse = log Σ_r e^{lse_r}
+    H   = Σ_r w_r (H_r + lse − lse_r)                       (H = lse − Σ p·z, split per shard)
+    KL  = Σ_r v_r (KL_r + lse_q,r − lse_r) − lse_q + lse    (KL = Σ q (z_q − z) − lse_q + lse)
+
+Computed with shifts ``M = max_r lse_r`` and ``M_q = max_r lse_q,r`` so that no term overflows:
+``S = Σ_r e^{lse_r − M}``, ``lse = M + log S``, ``H = Σ_r e^{lse_r−M}(H_r − (lse_r − M)) / S + log S``
+and ``KL = Σ_r e^{lse_q,r−M_q}(KL_r + (lse_q,r − M_q) − (lse_r − M)) / S_q − log S_q + log S``.
+The rank that owns a target id contributes its logit, the others 0, so a sum delivers it.
+
+Communication per forward (all-reduce payloads; what goes on the wire depends on the algorithm, e.g.
+a ring sends about 2(W−1)/W times the payload), with N token rows (ignored ones included: keeping
+every row avoids a host sync), J target ids per row, W ranks, ``r = 1`` with a reference:
+
+    layout:  one SUM of W int64                                   8·W bytes
+    maxima:  one MAX of N·(1 + r) fp32                            4·N·(1 + r) bytes
+    sums:    one SUM of N·((1 + r)(1 + J) + kl + entropy) fp32    4·N·((1 + r)(1 + J) + kl + entropy)
+
+and per backward one SUM of the fp32 ``∂hidden``: 4·N·D bytes (``∂W`` and ``∂bias`` stay local;
+the backward uses the global ``lse``/``lse_q``/``H`` saved by the forward). ``comm_bytes`` states
+the same formula in code and is what the test that counts the bytes compares against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from tokpo_kernels._types import RawStats
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Where this rank's rows sit in the global vocabulary.
+
+    ``start`` and ``total`` are 0-d int64 tensors on the weight's device (found by one small
+    all-reduce, never read back to the host); ``group_name`` names the process group so that it
+    can cross ``torch.library`` custom-op boundaries as a string.
+    """
+
+    start: torch.Tensor
+    total: torch.Tensor
+    rows: int
+    group_name: str
+
+
+def resolve_group(group_name: str) -> dist.ProcessGroup:
+    """The process group registered under ``group_name`` (custom ops can only carry strings)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def vocab_shard(rows: int, group: dist.ProcessGroup, device: torch.device) -> VocabShard:
+    """Exchange shard sizes (one SUM all-reduce of W int64): rank ``r`` starts at ``Σ_{i<r} V_i``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    sizes[rank] = rows
+    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    return VocabShard(start=sizes[:rank].sum(), total=sizes.sum(), rows=rows, group_name=group.group_name)
+
+
+def localize_targets(targets: torch.Tensor, tvalid: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """Global ids → ids into this rank's shard; ``-1`` where the id is ignored or owned elsewhere."""
+    local = targets - shard.start
+    owned = tvalid & (local >= 0) & (local < shard.rows)
+    return torch.where(owned, local, torch.full_like(local, -1))
+
+
+def combine_across_ranks(raw: RawStats, owned: torch.Tensor, row_valid: torch.Tensor, group_name: str) -> RawStats:
+    """Merge per-shard statistics into global ones (see the module docstring for the algebra).
+
+    ``raw`` holds this rank's local statistics for all N rows; ``owned`` (N, J) marks the target
+    ids whose logits this rank computed. Rows that are not valid carry zeros through the
+    collectives (their local values may be anything) and are masked by the caller.
+    """
+    group = resolve_group(group_name)
+    zero = raw.lse.new_zeros(())
+
+    def clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, x.float(), zero)
+
+    has_ref = raw.ref_lse is not None
+    lse_r = clean(raw.lse, row_valid)
+    ref_lse_r = clean(raw.ref_lse, row_valid) if has_ref else None
+
+    maxima = torch.stack([lse_r, ref_lse_r]) if has_ref else lse_r[None].clone()
+    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+    shift = lse_r - maxima[0]  # lse_r − M ≤ 0
+    w = torch.exp(shift)
+    parts: List[torch.Tensor] = [w[:, None], clean(raw.tgt_logit, owned)]
+    ref_shift = wq = None
+    if has_ref:
+        ref_shift = ref_lse_r - maxima[1]
+        wq = torch.exp(ref_shift)
+        parts += [wq[:, None], clean(raw.ref_tgt_logit, owned)]
+    if raw.entropy is not None:
+        parts.append((w * (clean(raw.entropy, row_valid) - shift))[:, None])
+    if raw.kl is not None:
+        parts.append((wq * (clean(raw.kl, row_valid) + ref_shift - shift))[:, None])
+    sums = torch.cat(parts, dim=1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    cols = iter(torch.split(sums, [p.shape[1] for p in parts], dim=1))
+
+    # S ≥ 1 on a valid row (its largest shard contributes e^0); the clamp only guards masked rows.
+    s = next(cols).squeeze(1).clamp_min(1.0)
+    log_s = s.log()
+    lse = maxima[0] + log_s
+    tgt = next(cols)
+    ref_lse = ref_tgt = log_sq = None
+    if has_ref:
+        sq = next(cols).squeeze(1).clamp_min(1.0)
+        log_sq = sq.log()
+        ref_lse = maxima[1] + log_sq
+        ref_tgt = next(cols)
+    entropy = kl = None
+    if raw.entropy is not None:
+        entropy = next(cols).squeeze(1) / s + log_s
+    if raw.kl is not None:
+        kl = (next(cols).squeeze(1) / sq - log_sq + log_s).clamp_min(0.0)
+    return RawStats(tgt, lse, ref_tgt, ref_lse, kl, entropy)
+
+
+def all_reduce_hidden_grad(dh: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Sum the per-shard ``∂hidden`` (fp32) over ranks: every shard's logits depend on all of ``h``."""
+    dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=resolve_group(group_name))
+    return dh
+
+
+def comm_bytes(
+    n: int, j: int, d: int, world: int, *, reference: bool, kl: bool, entropy: bool, backward: bool = True
+) -> int:
+    """All-reduce payload bytes one rank sends per call (formula of the module docstring)."""
+    r = int(reference)
+    forward = 8 * world + 4 * n * (1 + r) + 4 * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
+    return forward + (4 * n * d if backward else 0)
