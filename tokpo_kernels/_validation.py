@@ -4,7 +4,7 @@ state what was expected and what was received."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,20 +54,24 @@ def check_positive(name: str, value: Optional[float], allow_none: bool) -> None:
         raise ValueError(f"{name}: expected a finite number > 0, got {value}")
 
 
-def check_target_range(name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_target_range(name: str, targets: torch.Tensor, vocab: Union[int, torch.Tensor], ignore_index: int) -> None:
     """Every id must lie in ``[0, vocab)`` or equal ``ignore_index``.
 
     On CPU this is checked eagerly and raises ``ValueError``. On CUDA a host sync is avoided:
-    ``torch._assert_async`` raises (asynchronously) a device-side assertion instead.
+    ``torch._assert_async`` raises (asynchronously) a device-side assertion instead; so it does
+    under ``torch.compile``, where a data-dependent ``if`` would break the graph. ``vocab`` may be
+    a 0-d tensor (the global size of a vocabulary split, known on the device only).
     """
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if targets.device.type == "cuda":
-        torch._assert_async(~bad.any(), f"{name}: target ids must be in [0, {vocab}) or ignore_index={ignore_index}")
+    if targets.device.type == "cuda" or torch.compiler.is_compiling():
+        # Formatting a tensor would read it back: name the bound only when it is a Python int.
+        bound = vocab if isinstance(vocab, int) else "V"
+        torch._assert_async(~bad.any(), f"{name}: target ids must be in [0, {bound}) or ignore_index={ignore_index}")
         return
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()
         raise ValueError(
-            f"{name}: expected ids in [0, {vocab}) or ignore_index={ignore_index}, got {first} "
+            f"{name}: expected ids in [0, {int(vocab)}) or ignore_index={ignore_index}, got {first} "
             f"({int(bad.sum())} bad id(s))"
         )
 
@@ -120,8 +124,13 @@ def validate_vocab_stats_inputs(
     softcap: Optional[float],
     impl: str,
     filter_eps: object = None,
+    *,
+    check_targets: bool = True,
 ) -> Tuple[Tuple[int, ...], bool, str]:
     """Checks the arguments of ``linear_vocab_stats``.
+
+    ``check_targets=False`` leaves the id-range check to the caller (vocabulary-parallel calls know
+    the global vocabulary size only after a collective).
 
     Returns ``(token_shape, several_targets_per_token, resolved_impl)``.
     """
@@ -213,5 +222,6 @@ def validate_vocab_stats_inputs(
                     f"impl='triton' supports float32/bfloat16/float16 inputs, got {name} of dtype {t.dtype}; "
                     "use impl='torch' for float64"
                 )
-    check_target_range("targets", targets, vocab, ignore_index)
+    if check_targets:
+        check_target_range("targets", targets, vocab, ignore_index)
     return token_shape, multi, resolved

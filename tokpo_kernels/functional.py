@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from tokpo_kernels._types import VocabStats
-from tokpo_kernels._validation import validate_vocab_stats_inputs
+from tokpo_kernels._validation import check_target_range, validate_vocab_stats_inputs
+from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
+from tokpo_kernels.distributed.vocab_parallel import vocab_shard
 from tokpo_kernels.ops.params import StatsParams
 from tokpo_kernels.ops.vocab_stats import vocab_stats_2d
 
@@ -28,6 +31,7 @@ def linear_vocab_stats(
     softcap: Optional[float] = None,
     impl: str = "auto",
     filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> VocabStats:
     """Per-token statistics of ``softmax(h Wᵀ + b)`` without materialising the (N, V) logits.
 
@@ -55,6 +59,15 @@ def linear_vocab_stats(
             policy (and reference) probabilities are all below it and that hold no target id are
             skipped, so their contribution (below the dtype's resolution relative to the row's
             gradient) is dropped. The torch and naive implementations ignore it (always exact).
+        process_group: vocabulary parallelism. ``weight`` (and ``bias``, ``ref_weight``,
+            ``ref_bias``) then hold this rank's rows ``[V_r × D]`` of a head split over the group's
+            ranks in rank order (any ``V_r ≥ 1``); ``hidden`` and ``targets`` (global ids) must be the
+            same on every rank. Each rank streams its shard and the per-token statistics are merged
+            with all-reduces of O(N) numbers; the backward all-reduces ``∂hidden``, and ``∂weight``
+            is this rank's shard. Bytes: see ``tokpo_kernels.distributed.comm_bytes``. Needs
+            ``impl`` ``"torch"`` or ``"triton"``. DTensor weights (FSDP2, tensor parallel) and
+            ZeRO-3 parameters are recognised without it (see
+            ``tokpo_kernels.distributed.sharded_weights``).
 
     Returns:
         ``VocabStats`` with fp32 ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
@@ -66,10 +79,20 @@ def linear_vocab_stats(
     Raises:
         TypeError / ValueError: on bad input, naming what was expected and what was received.
     """
+    sharded = resolve_sharded_weights(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    hidden, weight, bias = sharded.hidden, sharded.weight, sharded.bias
+    ref_hidden, ref_weight, ref_bias = sharded.ref_hidden, sharded.ref_weight, sharded.ref_bias
     token_shape, multi, resolved = validate_vocab_stats_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps,
+        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps, check_targets=sharded.group is None,
     )
+    shard = None
+    if sharded.group is not None:
+        if resolved == "naive":
+            raise ValueError("impl='naive' does not support vocabulary parallelism; use impl='torch' or 'triton'")
+        # Collective: every rank reaches it after the same local checks, so none waits on a failed one.
+        shard = vocab_shard(weight.shape[0], sharded.group, weight.device)
+        check_target_range("targets", targets, shard.total, ignore_index)
     params = StatsParams(
         ignore_index=ignore_index,
         temperature=float(temperature),
@@ -86,7 +109,7 @@ def linear_vocab_stats(
     rh2 = None if ref_hidden is None else ref_hidden.reshape(n, ref_hidden.shape[-1])
     logp, lse, ref_logp, kl_t, ent = vocab_stats_2d(
         hidden.reshape(n, dim), weight, t2, bias, rh2, ref_weight, ref_bias if ref_hidden is not None else None,
-        params, resolved,
+        params, resolved, shard,
     )
     tshape = tuple(targets.shape)
     mask = (t2 != ignore_index).any(-1).reshape(token_shape)

@@ -20,13 +20,15 @@ The rank that owns a target id contributes its logit, the others 0, so a sum del
 
 Communication per forward (all-reduce payloads; what goes on the wire depends on the algorithm, e.g.
 a ring sends about 2(W−1)/W times the payload), with N token rows (ignored ones included: keeping
-every row avoids a host sync), J target ids per row, W ranks, ``r = 1`` with a reference:
+every row avoids a host sync), J target ids per row, W ranks, ``r = 1`` with a reference, and
+c = 4 bytes (statistics travel in fp32; 8 for fp64 inputs):
 
-    layout:  one SUM of W int64                                   8·W bytes
-    maxima:  one MAX of N·(1 + r) fp32                            4·N·(1 + r) bytes
-    sums:    one SUM of N·((1 + r)(1 + J) + kl + entropy) fp32    4·N·((1 + r)(1 + J) + kl + entropy)
+    layout:  one SUM of W int64                             8·W bytes
+    maxima:  one MAX of N·(1 + r) numbers                   c·N·(1 + r) bytes
+    sums:    one SUM of N·((1 + r)(1 + J) + kl + entropy)   c·N·((1 + r)(1 + J) + kl + entropy) bytes
 
-and per backward one SUM of the fp32 ``∂hidden``: 4·N·D bytes (``∂W`` and ``∂bias`` stay local;
+e.g. TDPO (r = 1, J = 1, kl): 8·W + 28·N bytes. Per backward one SUM of ``∂hidden`` in fp32:
+c·N·D bytes, the dominant term (``∂W`` and ``∂bias`` stay local;
 the backward uses the global ``lse``/``lse_q``/``H`` saved by the forward). ``comm_bytes`` states
 the same formula in code and is what the test that counts the bytes compares against.
 """
@@ -34,7 +36,7 @@ the same formula in code and is what the test that counts the bytes compares aga
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -91,7 +93,7 @@ def combine_across_ranks(raw: RawStats, owned: torch.Tensor, row_valid: torch.Te
     zero = raw.lse.new_zeros(())
 
     def clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, x.float(), zero)
+        return torch.where(mask, x, zero)
 
     has_ref = raw.ref_lse is not None
     lse_r = clean(raw.lse, row_valid)
@@ -140,10 +142,52 @@ def all_reduce_hidden_grad(dh: torch.Tensor, group_name: str) -> torch.Tensor:
     return dh
 
 
+class _SumOfReplicatedLoss(torch.autograd.Function):
+    """All-reduce SUM forward, identity backward.
+
+    The sum feeds a loss that every rank computes identically (replicated), so the gradient each
+    rank sees for the sum is already the true one, and its own contribution receives it unchanged;
+    autograd's differentiable all-reduce would instead sum those identical gradients W times.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def vocab_mean(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], group: Optional[dist.ProcessGroup], dtype: torch.dtype
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(1/V) Σ_v W_v`` and ``(1/V) Σ_v b_v`` (``dtype`` accumulation) of a whole head, or of a head
+    split over ``group`` (one all-reduce of D + 2 numbers), differentiable w.r.t. the local rows."""
+    d = weight.shape[1]
+    parts = [weight.sum(0, dtype=dtype)]
+    if bias is not None:
+        parts.append(bias.sum(dtype=dtype)[None])
+    parts.append(torch.full((1,), weight.shape[0], dtype=dtype, device=weight.device))
+    packed = torch.cat(parts)
+    if group is not None:
+        packed = _SumOfReplicatedLoss.apply(packed, group)
+    count = packed[-1]
+    return packed[:d] / count, (packed[d] / count if bias is not None else None)
+
+
 def comm_bytes(
-    n: int, j: int, d: int, world: int, *, reference: bool, kl: bool, entropy: bool, backward: bool = True
+    n: int, j: int, d: int, world: int, *, reference: bool, kl: bool, entropy: bool,
+    backward: bool = True, dtype: torch.dtype = torch.float32,
 ) -> int:
-    """All-reduce payload bytes one rank sends per call (formula of the module docstring)."""
+    """All-reduce payload bytes one rank sends per call (the formula of the module docstring).
+
+    ``dtype`` is the inputs' dtype: statistics and ``∂hidden`` travel in the accumulation dtype,
+    fp32 for fp32/bf16/fp16 inputs (``c = 4`` bytes) and fp64 for fp64 inputs (``c = 8``).
+    """
+    c = torch.promote_types(dtype, torch.float32).itemsize
     r = int(reference)
-    forward = 8 * world + 4 * n * (1 + r) + 4 * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
-    return forward + (4 * n * d if backward else 0)
+    forward = 8 * world + c * n * (1 + r) + c * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
+    return forward + (c * n * d if backward else 0)

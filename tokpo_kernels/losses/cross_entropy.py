@@ -13,15 +13,19 @@ vocabulary loop::
 — one O(V·D) column mean of the weight (fp32 accumulation) and an O(N·D)
 matrix-vector product, differentiable through autograd. With a softcap ``tanh`` makes the mean
 non-linear in the logits, so ``label_smoothing > 0`` together with ``softcap`` is rejected.
+Vocabulary-parallel, ``W̄`` and ``b̄`` take one more all-reduce of ``D + 2`` numbers.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
+from tokpo_kernels.distributed.vocab_parallel import vocab_mean
 from tokpo_kernels.functional import linear_vocab_stats
 from tokpo_kernels.losses._common import (
     check_choice,
@@ -54,6 +58,8 @@ def linear_cross_entropy(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
     weight_normalization: str = "tokens",
 ) -> LossOutput:
     """Cross-entropy of ``z = transform(h Wᵀ + b)`` against ``targets``, without materialising logits.
@@ -87,7 +93,7 @@ def linear_cross_entropy(
         z_loss: z-loss coefficient ``>= 0`` (PaLM uses ``1e-4``).
         token_weights: optional float ``(...)`` weights shaped like ``targets`` (no gradient flows
             into them; their values at ignored tokens are irrelevant).
-        temperature, softcap, impl: as in :func:`tokpo_kernels.linear_vocab_stats`.
+        temperature, softcap, impl, filter_eps, process_group: as in :func:`tokpo_kernels.linear_vocab_stats`.
         weight_normalization: ``"tokens"`` or ``"weights"``, the ``"mean"`` denominator with
             ``token_weights`` (see above); without weights both are the valid-token count.
 
@@ -125,9 +131,13 @@ def linear_cross_entropy(
             "transform (temperature); use softcap=None or label_smoothing=0"
         )
 
+    # Sharded heads are resolved here once: the smoothing term below reads the weight itself.
+    sharded = resolve_sharded_weights(hidden, weight, bias, None, None, None, process_group)
+    hidden, weight, bias, process_group = sharded.hidden, sharded.weight, sharded.bias, sharded.group
     stats = linear_vocab_stats(
         hidden, weight, targets,
         bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
+        filter_eps=filter_eps, process_group=process_group,
     )
     mask = stats.mask
     dt = stats.lse.dtype
@@ -136,10 +146,11 @@ def linear_cross_entropy(
     per_token = nll
     if label_smoothing > 0:
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        w_bar = weight.mean(0, dtype=acc)  # (D,), accumulated in fp32 (fp64 stays fp64)
+        # (D,) accumulated in fp32 (fp64 stays fp64); over all ranks' rows when vocabulary-parallel.
+        w_bar, b_bar = vocab_mean(weight, bias, process_group, acc)
         mean_z = torch.matmul(hidden.to(acc), w_bar)
-        if bias is not None:
-            mean_z = mean_z + bias.mean(dtype=acc)
+        if b_bar is not None:
+            mean_z = mean_z + b_bar
         mean_z = (mean_z / float(temperature)).to(dt)
         smooth = stats.lse - mean_z
         per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth

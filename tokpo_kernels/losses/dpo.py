@@ -7,9 +7,10 @@ the mean over pairs, rewards are ``β (log π − log π_ref)`` per sequence.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
@@ -64,6 +65,8 @@ def dpo_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> LossOutput:
     """DPO (Rafailov et al., 2023) with TRL's ``sigmoid`` / ``ipo`` / ``hinge`` loss types.
 
@@ -93,7 +96,7 @@ def dpo_loss(
         beta: > 0. loss_type: ``"sigmoid"``, ``"ipo"`` or ``"hinge"``.
         label_smoothing: in ``[0, 0.5)``; only ``"sigmoid"`` uses it (a non-zero value with another
             loss type is an error rather than silently ignored).
-        bias, ref_bias, ignore_index, temperature, softcap, impl: passed to ``linear_vocab_stats``.
+        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: passed to ``linear_vocab_stats``.
 
     Returns:
         ``LossOutput(loss, metrics)``; per-pair ``(B,)`` detached metrics: ``rewards/chosen = β(M_c)``,
@@ -130,6 +133,7 @@ def dpo_loss(
         ref_weight=ref_weight if mode == "hidden" else None,
         ref_bias=ref_bias if mode == "hidden" else None,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
+        filter_eps=filter_eps, process_group=process_group,
     )
     mask = stats.mask
     logps = masked_sum(stats.logp, mask)

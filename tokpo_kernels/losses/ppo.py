@@ -8,9 +8,10 @@ log-probs either from the same pass (reference hidden states) or precomputed. No
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from tokpo_kernels._types import LossOutput
 from tokpo_kernels._validation import check_reference_pair
@@ -65,6 +66,8 @@ def ppo_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> LossOutput:
     """Token-level clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO).
 
@@ -107,7 +110,7 @@ def ppo_loss(
         loss_type: ``"grpo"``, ``"dapo"`` or ``"dr_grpo"`` (see above).
         max_tokens: the ``dr_grpo`` constant (TRL's ``max_completion_length``), a positive int;
             defaults to ``T``. Ignored by the other loss types.
-        bias, ref_bias, ignore_index, temperature, softcap, impl: as in
+        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: as in
             :func:`tokpo_kernels.linear_vocab_stats` (temperature divides the logits, as TRL does).
 
     Returns:
@@ -163,6 +166,7 @@ def ppo_loss(
         hidden, weight, targets,
         bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, entropy=use_entropy,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
+        filter_eps=filter_eps, process_group=process_group,
     )
     logp = stats.logp
     mask = stats.mask

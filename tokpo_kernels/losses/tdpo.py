@@ -6,9 +6,10 @@ policy and reference, and ``KL(ref ‖ policy)`` per token); no kernel of its ow
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
@@ -73,6 +74,8 @@ def tdpo_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> LossOutput:
     """TDPO1 / TDPO2 loss from the lm-head inputs, without materialising logits.
 
@@ -100,7 +103,7 @@ def tdpo_loss(
         beta: inverse temperature of the preference (> 0).
         alpha: weight of the KL margin in TDPO2 (>= 0; unused by TDPO1).
         variant: ``"tdpo1"`` or ``"tdpo2"``.
-        bias, ref_bias, ignore_index, temperature, softcap, impl: passed to ``linear_vocab_stats``.
+        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: passed to ``linear_vocab_stats``.
 
     Returns:
         ``LossOutput(loss, metrics)``; ``loss`` a 0-d fp32 tensor. Metrics are per-pair ``(B,)``
@@ -120,6 +123,7 @@ def tdpo_loss(
     stats = linear_vocab_stats(
         hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         kl=True, ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
+        filter_eps=filter_eps, process_group=process_group,
     )
     mask = stats.mask
     margin = masked_sum(stats.logp - stats.ref_logp, mask)  # M_b

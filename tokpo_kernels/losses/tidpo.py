@@ -6,9 +6,10 @@ from ``token_importance_weights`` (losses/importance.py) and enter here as detac
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
@@ -67,6 +68,8 @@ def tidpo_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> LossOutput:
     """TI-DPO loss: importance-weighted preference term + γ · triplet term (+ optional KL penalty).
 
@@ -105,7 +108,7 @@ def tidpo_loss(
         beta (> 0), alpha (>= 0), gamma (>= 0), margin: see the equations.
         preference: ``"tdpo2"`` or ``"dpo"``.
         kl_coef: weight (>= 0) of the optional mean sequence-KL penalty.
-        bias, ref_bias, ignore_index, temperature, softcap, impl: passed to ``linear_vocab_stats``.
+        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: passed to ``linear_vocab_stats``.
 
     Returns:
         ``LossOutput(loss, metrics)``. Per-pair ``(B,)`` metrics as ``tdpo_loss`` with the weighted
@@ -146,7 +149,7 @@ def tidpo_loss(
                 )
 
     common = dict(bias=bias, ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature,
-                  softcap=softcap, impl=impl)
+                  softcap=softcap, impl=impl, filter_eps=filter_eps, process_group=process_group)
     stats = linear_vocab_stats(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight, kl=True,
                                **common)
     mask = stats.mask

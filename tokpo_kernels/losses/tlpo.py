@@ -11,9 +11,10 @@ The loss is a few lines of PyTorch on those ``(G, K)`` log-probs; it adds no ker
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from tokpo_kernels._types import LossOutput
 from tokpo_kernels._validation import check_int, check_reference_pair
@@ -116,6 +117,8 @@ def tlpo_loss(
     temperature: float = 1.0,
     softcap: Optional[float] = None,
     impl: str = "auto",
+    filter_eps: Optional[Union[float, str]] = None,
+    process_group: Optional[dist.ProcessGroup] = None,
 ) -> LossOutput:
     """TLPO loss: PPO-clip on K candidate tokens per confusion point, with a k3 KL penalty.
 
@@ -155,7 +158,7 @@ def tlpo_loss(
         bias, ref_bias: optional ``(V,)`` lm-head biases.
         ignore_index: the padding id of ``candidates``.
         temperature, softcap: logit transform applied before the softmax (policy and reference).
-        impl: passed through to :func:`tokpo_kernels.linear_vocab_stats`.
+        impl, filter_eps, process_group: passed through to :func:`tokpo_kernels.linear_vocab_stats`.
 
     Returns:
         ``LossOutput(loss, metrics)``; every metric is a detached scalar averaged over the valid
@@ -207,6 +210,7 @@ def tlpo_loss(
         hidden, weight, candidates,
         bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
         ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
+        filter_eps=filter_eps, process_group=process_group,
     )
     logp = stats.logp
     dt = logp.dtype

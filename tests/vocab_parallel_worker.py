@@ -1,0 +1,393 @@
+"""One rank of the vocabulary-parallel tests (launched by ``test_vocab_parallel.py``, gloo on CPU).
+
+Every rank builds the same full inputs from a fixed seed, computes the single-process result on
+the whole head, then the vocabulary-parallel result on its rows, and compares statistics, losses,
+metrics and gradients (``∂hidden`` in full, ``∂weight``/``∂bias`` on this rank's rows). Each check
+records ``None`` or its error; rank files are read back by the test.
+``python tests/vocab_parallel_worker.py RANK WORLD PORT OUT_DIR [CHECK,...]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+import tokpo_kernels as tk
+from tokpo_kernels.distributed import comm_bytes
+from preference_oracle import assert_close, make_batch
+
+# fp32 acceptance tolerance of the issue: vocabulary-parallel equals single-process to 1e-5.
+TOL = dict(rtol=1e-5, atol=1e-5)
+# Uneven splits, so that V need not divide by the world size: V = 37.
+VOCAB = 37
+SPLITS = {2: [19, 18], 3: [5, 20, 12]}
+
+CHECKS: Dict[str, Callable[[int, int], None]] = {}
+
+
+def check(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+def rows_of(rank: int, world: int) -> slice:
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def spread_targets(y: torch.Tensor, world: int) -> torch.Tensor:
+    """Make sure every rank's shard owns some target ids (the first valid id of each shard)."""
+    y = y.clone()
+    flat = y.view(-1)
+    valid = (flat >= 0).nonzero().squeeze(1)
+    start = 0
+    for i, size in enumerate(SPLITS[world]):
+        flat[valid[i % valid.numel()]] = start + size - 1
+        start += size
+    return y
+
+
+def run_both(
+    fn: Callable[..., object],
+    tensors: Dict[str, Optional[torch.Tensor]],
+    vocab_rows: Sequence[str],
+    grad_names: Sequence[str],
+    outputs: Callable[[object], Dict[str, torch.Tensor]],
+    rank: int,
+    world: int,
+    *,
+    positional: Sequence[str] = (),
+    **kwargs: object,
+) -> None:
+    """Single-process vs vocabulary-parallel call of ``fn``; random cotangents on every output."""
+    sl = rows_of(rank, world)
+
+    def leaves(shard: bool) -> Dict[str, Optional[torch.Tensor]]:
+        out = {}
+        for k, t in tensors.items():
+            if t is None or not t.is_floating_point():
+                out[k] = t
+                continue
+            t = t[sl] if (shard and k in vocab_rows) else t
+            out[k] = t.clone().requires_grad_(k in grad_names)
+        return out
+
+    results = []
+    for shard in (False, True):
+        ins = leaves(shard)
+        args = [ins.pop(k) for k in positional]
+        extra = {"process_group": dist.group.WORLD} if shard else {}
+        outs = outputs(fn(*args, **ins, **kwargs, **extra))
+        gen = torch.Generator().manual_seed(7)
+        total = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs.values() if o.requires_grad)
+        total.backward()
+        grads = {k: (dict(zip(positional, args)) | ins)[k].grad for k in grad_names}
+        results.append((outs, grads))
+    (full, full_g), (par, par_g) = results
+    for k in full:
+        assert_close(par[k], full[k], name=k, **TOL)
+    for k in grad_names:
+        expected = full_g[k][sl] if k in vocab_rows else full_g[k]
+        assert_close(par_g[k], expected, name=f"grad {k}", **TOL)
+
+
+def stats_outputs(s) -> Dict[str, torch.Tensor]:
+    return {k: getattr(s, k) for k in ("logp", "lse", "ref_logp", "kl", "entropy") if getattr(s, k) is not None}
+
+
+def loss_outputs(out) -> Dict[str, torch.Tensor]:
+    return {"loss": out.loss, **{f"metric {k}": v for k, v in out.metrics.items()}}
+
+
+def _stats_inputs(world: int, *, bias: bool, j: Optional[int], n: int = 7, d: int = 6) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, n) if j is None else (n, j)
+    y = torch.randint(0, VOCAB, shape, generator=gen)
+    y[0, :2] = -100  # ignored tokens / ids
+    if j is not None:
+        y[3] = -100  # a token whose ids are all ignored
+    tok = (2, n) if j is None else (n,)
+    t = {
+        "hidden": torch.randn(*tok, d, generator=gen),
+        "weight": torch.randn(VOCAB, d, generator=gen) / d**0.5 * 2,
+        "targets": spread_targets(y, world),
+        "ref_hidden": torch.randn(*tok, d + 1, generator=gen),
+        "ref_weight": torch.randn(VOCAB, d + 1, generator=gen) / d**0.5 * 2,
+    }
+    if bias:
+        t["bias"] = 0.5 * torch.randn(VOCAB, generator=gen)
+        t["ref_bias"] = 0.5 * torch.randn(VOCAB, generator=gen)
+    return t
+
+
+ROWS = ("weight", "bias", "ref_weight", "ref_bias")
+
+
+def _stats(rank: int, world: int, impl: str, **opts: object) -> None:
+    t = _stats_inputs(world, bias=True, j=opts.pop("j", None))
+    run_both(tk.linear_vocab_stats, t, ROWS, ("hidden", "weight", "bias"), stats_outputs, rank, world,
+             positional=("hidden", "weight", "targets"), impl=impl, kl=True, entropy=True, **opts)
+
+
+@check
+def stats_torch(rank: int, world: int) -> None:
+    _stats(rank, world, "torch")
+
+
+@check
+def stats_torch_several_ids_softcap_temperature(rank: int, world: int) -> None:
+    _stats(rank, world, "torch", j=3, softcap=4.0, temperature=0.7)
+
+
+@check
+def stats_triton_interpreted(rank: int, world: int) -> None:
+    _stats(rank, world, "triton", j=2)
+
+
+@check
+def stats_without_reference(rank: int, world: int) -> None:
+    t = _stats_inputs(world, bias=False, j=None)
+    del t["ref_hidden"], t["ref_weight"]
+    run_both(tk.linear_vocab_stats, t, ROWS, ("hidden", "weight"), stats_outputs, rank, world,
+             positional=("hidden", "weight", "targets"), impl="torch", entropy=True)
+
+
+def _pref(world: int) -> Dict[str, torch.Tensor]:
+    t = make_batch(2, 5, 6, VOCAB, seed=3, bias=True)
+    t["targets"] = spread_targets(t["targets"], world)
+    return t
+
+
+PREF = ("hidden", "weight", "targets", "ref_hidden", "ref_weight")
+
+
+@check
+def tdpo_loss(rank: int, world: int) -> None:
+    for variant in ("tdpo1", "tdpo2"):
+        run_both(tk.tdpo_loss, _pref(world), ROWS, ("hidden", "weight", "bias"), loss_outputs, rank, world,
+                 positional=PREF, impl="torch", variant=variant)
+
+
+@check
+def tidpo_loss(rank: int, world: int) -> None:
+    t = _pref(world)
+    t["token_weights"] = torch.rand(t["targets"].shape, generator=torch.Generator().manual_seed(4))
+    run_both(tk.tidpo_loss, t, ROWS, ("hidden", "weight", "bias"), loss_outputs, rank, world,
+             positional=PREF, impl="torch")
+
+
+@check
+def dpo_loss(rank: int, world: int) -> None:
+    run_both(tk.dpo_loss, _pref(world), ROWS, ("hidden", "weight", "bias"), loss_outputs, rank, world,
+             positional=PREF, impl="torch")
+
+
+@check
+def tlpo_loss(rank: int, world: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    g, k, d = 4, 16, 6
+    cand = torch.stack([torch.randperm(VOCAB, generator=gen)[:k] for _ in range(g)])
+    cand[1, 10:] = -100  # padded candidate lists
+    t = {
+        "hidden": torch.randn(g, d, generator=gen),
+        "weight": torch.randn(VOCAB, d, generator=gen) / d**0.5 * 2,
+        "candidates": cand,
+        "advantages": torch.randn(g, k, generator=gen),
+        "ref_hidden": torch.randn(g, d, generator=gen),
+        "ref_weight": torch.randn(VOCAB, d, generator=gen) / d**0.5 * 2,
+    }
+    t["old_logp"] = torch.log_softmax(torch.randn(g, VOCAB, generator=gen), -1).gather(1, cand.clamp_min(0))
+    run_both(tk.tlpo_loss, t, ROWS, ("hidden", "weight"), loss_outputs, rank, world,
+             positional=("hidden", "weight", "candidates", "advantages", "ref_hidden", "ref_weight"), impl="torch")
+
+
+@check
+def ppo_loss_and_cross_entropy(rank: int, world: int) -> None:
+    t = _pref(world)
+    gen = torch.Generator().manual_seed(6)
+    t["advantages"] = torch.randn(t["targets"].shape[0], generator=gen)
+    run_both(tk.ppo_loss, t, ROWS, ("hidden", "weight", "bias"), loss_outputs, rank, world,
+             positional=("hidden", "weight", "targets", "advantages"), impl="torch", entropy_coef=0.01)
+    t = _pref(world)
+    del t["ref_hidden"], t["ref_weight"], t["ref_bias"]
+    run_both(tk.linear_cross_entropy, t, ROWS, ("hidden", "weight", "bias"), loss_outputs, rank, world,
+             positional=("hidden", "weight", "targets"), impl="torch", label_smoothing=0.1, z_loss=1e-3)
+
+
+@check
+def bytes_communicated(rank: int, world: int) -> None:
+    """Count every collective's payload and compare with the documented formula."""
+    sent: List[int] = []
+    real = dist.all_reduce
+
+    def counting(tensor, *a, **k):
+        sent.append(tensor.numel() * tensor.element_size())
+        return real(tensor, *a, **k)
+
+    names = [n for n in ("all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+                         "all_to_all", "all_to_all_single", "send", "recv", "reduce", "gather", "scatter")
+             if hasattr(dist, n)]
+    saved = {n: getattr(dist, n) for n in names}
+
+    def forbidden(*a, **k):
+        raise AssertionError("only all_reduce is expected")
+
+    try:
+        dist.all_reduce = counting
+        for n in names:
+            setattr(dist, n, forbidden)
+        for ref, kl, ent, j in ((True, True, False, None), (False, False, True, 3), (True, True, True, 2)):
+            t = _stats_inputs(world, bias=False, j=j, n=9, d=5)
+            if not ref:
+                del t["ref_hidden"], t["ref_weight"]
+            h = t["hidden"].requires_grad_()
+            sl = rows_of(rank, world)
+            sent.clear()
+            s = tk.linear_vocab_stats(h, t["weight"][sl], t["targets"], impl="torch", kl=kl, entropy=ent,
+                                      ref_hidden=t.get("ref_hidden"), process_group=dist.group.WORLD,
+                                      ref_weight=t["ref_weight"][sl] if ref else None)
+            fwd = sum(sent)
+            (s.lse.sum() + s.logp.sum()).backward()
+            n_rows = h.numel() // h.shape[-1]
+            jj = 1 if j is None else j
+            expect = comm_bytes(n_rows, jj, h.shape[-1], world, reference=ref, kl=kl, entropy=ent)
+            expect_fwd = comm_bytes(n_rows, jj, h.shape[-1], world, reference=ref, kl=kl, entropy=ent,
+                                    backward=False)
+            assert fwd == expect_fwd, f"forward sent {fwd} bytes, formula says {expect_fwd}"
+            assert sum(sent) == expect, f"forward+backward sent {sum(sent)} bytes, formula says {expect}"
+    finally:
+        dist.all_reduce = real
+        for n, f in saved.items():
+            setattr(dist, n, f)
+
+
+@check
+def bad_input_raises_before_communicating(rank: int, world: int) -> None:
+    t = _stats_inputs(world, bias=False, j=None)
+    sl = rows_of(rank, world)
+    cases = [
+        (dict(impl="naive", process_group=dist.group.WORLD), ValueError, "naive"),
+        (dict(impl="torch", process_group="world"), TypeError, "ProcessGroup"),
+    ]
+    for kwargs, err, words in cases:
+        try:
+            tk.linear_vocab_stats(t["hidden"], t["weight"][sl], t["targets"], **kwargs)
+        except err as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"{kwargs} was accepted")
+    # A target id past the global vocabulary is caught once the shard sizes are known.
+    y = t["targets"].clone()
+    y[1, 1] = VOCAB
+    try:
+        tk.linear_vocab_stats(t["hidden"], t["weight"][sl], y, impl="torch", process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert f"[0, {VOCAB})" in str(e), str(e)
+    else:
+        raise AssertionError("an id >= V was accepted")
+
+
+@check
+def dtensor_tensor_parallel(rank: int, world: int) -> None:
+    """Weight Shard(0) + hidden Replicate on a 1-D mesh: used in place, vocabulary-parallel."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    t = _pref(world)
+    h = t["hidden"].clone().requires_grad_()
+    w = t["weight"].clone().requires_grad_()
+    full = tk.tdpo_loss(h, w, t["targets"], t["ref_hidden"], t["ref_weight"], impl="torch")
+    full.loss.backward()
+    hd = distribute_tensor(t["hidden"], mesh, [Replicate()]).requires_grad_()
+    wd = distribute_tensor(t["weight"], mesh, [Shard(0)]).requires_grad_()
+    rhd = distribute_tensor(t["ref_hidden"], mesh, [Replicate()])
+    rwd = distribute_tensor(t["ref_weight"], mesh, [Shard(0)])
+    par = tk.tdpo_loss(hd, wd, t["targets"], rhd, rwd, impl="torch")
+    par.loss.backward()
+    assert_close(par.loss, full.loss, name="loss", **TOL)
+    assert_close(hd.grad.full_tensor(), h.grad, name="grad hidden", **TOL)
+    assert_close(wd.grad.full_tensor(), w.grad, name="grad weight", **TOL)
+    # Layouts that cannot be used as they are raise with what to do.
+    for bad, why in ((distribute_tensor(t["weight"], mesh, [Shard(1)]), "Shard(0)"),):
+        try:
+            tk.tdpo_loss(hd, bad, t["targets"], rhd, rwd, impl="torch")
+        except ValueError as e:
+            assert why in str(e), str(e)
+        else:
+            raise AssertionError("a weight sharded over D was accepted")
+    try:
+        tk.linear_vocab_stats(h, wd, t["targets"], process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert "not both" in str(e), str(e)
+    else:
+        raise AssertionError("a DTensor weight together with process_group was accepted")
+
+
+@check
+def fsdp2_sharded_head(rank: int, world: int) -> None:
+    """FSDP2 head in its own unit (a Shard(0) DTensor after forward): gathered for the call, and its
+    gradient equals FSDP2's own (head applied inside the forward, cross-entropy on its logits)."""
+    from torch.distributed.fsdp import fully_shard
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, VOCAB, bias=False)
+
+        def forward(self, x: torch.Tensor, logits: bool = True) -> torch.Tensor:
+            h = torch.tanh(self.body(x))
+            return self.head(h) if logits else h
+
+    def build() -> Model:
+        torch.manual_seed(0)
+        m = Model()
+        fully_shard(m.body)
+        fully_shard(m.head)
+        fully_shard(m)
+        return m
+
+    gen = torch.Generator().manual_seed(10 + rank)  # every rank has its own tokens
+    x = torch.randn(9, 6, generator=gen)
+    y = torch.randint(0, VOCAB, (9,), generator=gen)
+    y[:2] = -100
+    native = build()
+    torch.nn.functional.cross_entropy(native(x), y, ignore_index=-100).backward()
+    ours = build()
+    h = ours(x, logits=False)
+    assert type(ours.head.weight).__name__ == "DTensor", "expected the head resharded after forward"
+    tk.linear_cross_entropy(h, ours.head.weight, y, impl="torch").loss.backward()
+    for (name, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
+        assert_close(a.grad.to_local(), b.grad.to_local(), name=f"grad {name}", **TOL)
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    # A rank that fails inside a collective would leave the others waiting: bound the wait.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    selected = sys.argv[5].split(",") if len(sys.argv) > 5 else list(CHECKS)
+    results: Dict[str, Optional[str]] = {}
+    for name in selected:
+        try:
+            CHECKS[name](rank, world)
+            results[name] = None
+        except Exception:  # noqa: BLE001  (reported back to the test)
+            results[name] = traceback.format_exc()[-4000:]
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
