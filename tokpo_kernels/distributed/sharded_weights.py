@@ -92,8 +92,13 @@ def _replicated_on(t, mesh) -> bool:
     return t.device_mesh == mesh and all(isinstance(p, Replicate) for p in t.placements)
 
 
-def _gather_fsdp(t):
-    """The whole tensor; its gradient is averaged and reduce-scattered back like FSDP2's own."""
+def gather_data_parallel(t):
+    """The whole tensor of a DTensor parameter sharded for data parallelism (FSDP2).
+
+    Its gradient is reduce-scattered back and averaged over the mesh, as FSDP2 does with the
+    gradients it reduces itself. (A bare ``full_tensor()`` would hand each rank only the gradient
+    of its own tokens: its backward just slices the replicated gradient.)
+    """
     from torch.distributed.tensor import Partial
 
     return t.full_tensor(grad_placements=[Partial("avg")])
@@ -154,7 +159,7 @@ def resolve_sharded_weights(
     if _is_dtensor(ref_hidden):
         raise ValueError("ref_hidden: expected a plain tensor like hidden, got a DTensor")
     # FSDP2: each rank has its own tokens; gather the head for this call (the reference needs no grad).
-    gather = lambda t: None if t is None else _gather_fsdp(t)  # noqa: E731
+    gather = lambda t: None if t is None else gather_data_parallel(t)  # noqa: E731
     plain_ref = lambda t: None if t is None else t.detach().full_tensor()  # noqa: E731
     return ResolvedWeights(
         hidden, gather(weight), gather(bias), ref_hidden, plain_ref(ref_weight), plain_ref(ref_bias), None,

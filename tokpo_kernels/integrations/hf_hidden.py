@@ -46,6 +46,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from tokpo_kernels.distributed.sharded_weights import gather_data_parallel
+
 __all__ = [
     "LMHead",
     "causal_lm_hidden_states",
@@ -317,8 +319,9 @@ def _deepspeed_params(params: list) -> list:
 def gathered_lm_head(model: nn.Module) -> Iterator[LMHead]:
     """Context manager yielding :func:`lm_head_params` with a sharded weight gathered.
 
-    - FSDP2 ``DTensor`` weight/bias: replaced by ``full_tensor()`` (differentiable; usable for
-      training, the gather's backward reduce-scatters the gradient).
+    - FSDP2 ``DTensor`` weight/bias: gathered by ``gather_data_parallel`` (differentiable; usable
+      for training: the gather's backward reduce-scatters the gradient and averages it over the
+      mesh, as FSDP2 does for the gradients it reduces itself).
     - DeepSpeed ZeRO-3 (the parameter has ``ds_id``): gathered with
       ``deepspeed.zero.GatheredParameters`` for the block (skipped when already available, e.g.
       tied embeddings inside a forward). Valid only inside the block.
@@ -349,10 +352,10 @@ def gathered_lm_head(model: nn.Module) -> Iterator[LMHead]:
             stack.enter_context(type(model).summon_full_params(model, writeback=False, recurse=True))
             head = lm_head_params(model)  # re-read: views into the gathered flat parameter
         weight, bias = head.weight, head.bias
-        if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2 / TP)
-            weight = weight.full_tensor()
+        if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2)
+            weight = gather_data_parallel(weight)
         if bias is not None and hasattr(bias, "full_tensor"):
-            bias = bias.full_tensor()
+            bias = gather_data_parallel(bias)
         yield LMHead(weight=weight, bias=bias, softcap=head.softcap, scale=head.scale)
 
 
