@@ -116,3 +116,34 @@ def test_triton_impl_compiles_fullgraph() -> None:
     t = _inputs(TRITON_DEVICE)
     step = lambda **k: _tdpo(**k, impl="triton")  # noqa: E731
     _compare(step, t, "inductor" if TRITON_DEVICE == "cuda" else "aot_eager")
+
+
+def _op_samples():
+    gen = torch.Generator().manual_seed(3)
+    n, j, d, v = 6, 2, 5, 13
+    h = torch.randn(d, n, generator=gen).t()  # transposed: outputs must still be contiguous
+    w = torch.randn(v, d, generator=gen)
+    b = torch.randn(v, generator=gen)
+    ids = torch.randint(0, v, (n, j), generator=gen)
+    ids[1] = -1
+    tvalid = ids >= 0
+    rh, rw = torch.randn(n, d, generator=gen), torch.randn(v, d, generator=gen)
+    return h, w, b, rh, rw, ids, tvalid
+
+
+def test_custom_ops_pass_opcheck() -> None:
+    """``torch.library.opcheck``: schema, fake (meta) implementation, autograd registration and
+    Dynamo/AOT tracing of both ops agree with the real implementation (strides included)."""
+    from tokpo_kernels.ops.vocab_stats import vocab_stats_backward, vocab_stats_forward
+
+    h, w, b, rh, rw, ids, tvalid = _op_samples()
+    for kl, ent, ref in ((True, True, True), (False, False, False)):
+        args = (h.clone().requires_grad_(), w.clone().requires_grad_(), b, rh if ref else None, rw if ref else None,
+                None, ids, tvalid, 0.9, None, kl, ent, None, "torch", "")
+        torch.library.opcheck(vocab_stats_forward, args)
+    n = ids.shape[0]
+    lse = torch.randn(n)
+    grads = (torch.randn(n), torch.randn(ids.shape), torch.randn(n), torch.randn(n))
+    args = (h, w, b, rh, rw, None, ids, tvalid, lse, torch.randn(n), torch.rand(n), *grads,
+            0.9, 3.0, None, "torch", "", True, True, True)
+    torch.library.opcheck(vocab_stats_backward, args)

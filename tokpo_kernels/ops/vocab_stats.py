@@ -148,10 +148,11 @@ def vocab_stats_backward(
 def _backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, tvalid, lse, ref_lse, entropy,
                    g_lse, g_tgt, g_kl, g_entropy, temperature, softcap, filter_eps, impl, group_name,
                    need_dh, need_dw, need_db):
+    # Contiguous like the real outputs (empty_like would copy a transposed input's strides).
     return (
-        torch.empty_like(hidden) if need_dh else _absent(hidden),
-        torch.empty_like(weight) if need_dw else _absent(weight),
-        torch.empty_like(bias) if need_db else _absent(weight),
+        hidden.new_empty(hidden.shape) if need_dh else _absent(hidden),
+        weight.new_empty(weight.shape) if need_dw else _absent(weight),
+        bias.new_empty(bias.shape) if need_db else _absent(weight),
     )
 
 
