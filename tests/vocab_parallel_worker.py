@@ -265,23 +265,31 @@ def bytes_communicated(rank: int, world: int) -> None:
         dist.all_reduce = counting
         for n in names:
             setattr(dist, n, forbidden)
-        for ref, kl, ent, j in ((True, True, False, None), (False, False, True, 3), (True, True, True, 2)):
-            t = _stats_inputs(world, bias=False, j=j, n=9, d=5)
+        configs = [  # (reference, kl, entropy, J, dtype, hidden needs a gradient)
+            (True, True, False, None, torch.float32, True),
+            (False, False, True, 3, torch.float32, True),
+            (True, True, True, 2, torch.float64, True),
+            (True, True, False, None, torch.float32, False),
+        ]
+        for ref, kl, ent, j, dtype, dh in configs:
+            t = {k: (v.to(dtype) if v.is_floating_point() else v)
+                 for k, v in _stats_inputs(world, bias=False, j=j, n=9, d=5).items()}
             if not ref:
                 del t["ref_hidden"], t["ref_weight"]
-            h = t["hidden"].requires_grad_()
+            h = t["hidden"].requires_grad_(dh)
             sl = rows_of(rank, world)
+            w = t["weight"][sl].clone().requires_grad_()
             sent.clear()
-            s = tk.linear_vocab_stats(h, t["weight"][sl], t["targets"], impl="torch", kl=kl, entropy=ent,
+            s = tk.linear_vocab_stats(h, w, t["targets"], impl="torch", kl=kl, entropy=ent,
                                       ref_hidden=t.get("ref_hidden"), process_group=dist.group.WORLD,
                                       ref_weight=t["ref_weight"][sl] if ref else None)
             fwd = sum(sent)
             (s.lse.sum() + s.logp.sum()).backward()
             n_rows = h.numel() // h.shape[-1]
             jj = 1 if j is None else j
-            expect = comm_bytes(n_rows, jj, h.shape[-1], world, reference=ref, kl=kl, entropy=ent)
-            expect_fwd = comm_bytes(n_rows, jj, h.shape[-1], world, reference=ref, kl=kl, entropy=ent,
-                                    backward=False)
+            spec = dict(reference=ref, kl=kl, entropy=ent, dtype=dtype)
+            expect_fwd = comm_bytes(n_rows, jj, h.shape[-1], world, backward=False, **spec)
+            expect = comm_bytes(n_rows, jj, h.shape[-1], world, backward=dh, **spec)
             assert fwd == expect_fwd, f"forward sent {fwd} bytes, formula says {expect_fwd}"
             assert sum(sent) == expect, f"forward+backward sent {sum(sent)} bytes, formula says {expect}"
     finally:
@@ -305,6 +313,17 @@ def bad_input_raises_before_communicating(rank: int, world: int) -> None:
             assert words in str(e), str(e)
         else:
             raise AssertionError(f"{kwargs} was accepted")
+    # Ranks that disagree on the tokens would silently blend batches: all of them raise instead.
+    for name in ("hidden", "targets"):
+        bad = dict(t)
+        bad[name] = t[name] + rank  # differs on every rank
+        try:
+            tk.linear_vocab_stats(bad["hidden"], t["weight"][sl], bad["targets"].clamp_max(VOCAB - 1), impl="torch",
+                                  process_group=dist.group.WORLD)
+        except ValueError as e:
+            assert "same hidden, targets on every rank" in str(e), str(e)
+        else:
+            raise AssertionError(f"{name} differing across ranks was accepted")
     # A target id past the global vocabulary is caught once the shard sizes are known.
     y = t["targets"].clone()
     y[1, 1] = VOCAB

@@ -54,19 +54,29 @@ def check_positive(name: str, value: Optional[float], allow_none: bool) -> None:
         raise ValueError(f"{name}: expected a finite number > 0, got {value}")
 
 
-def check_target_range(name: str, targets: torch.Tensor, vocab: Union[int, torch.Tensor], ignore_index: int) -> None:
-    """Every id must lie in ``[0, vocab)`` or equal ``ignore_index``.
+def fail_if(bad: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` when the 0-d bool tensor ``bad`` is true.
 
-    On CPU this is checked eagerly and raises ``ValueError``. On CUDA a host sync is avoided:
-    ``torch._assert_async`` raises (asynchronously) a device-side assertion instead; so it does
-    under ``torch.compile``, where a data-dependent ``if`` would break the graph. ``vocab`` may be
-    a 0-d tensor (the global size of a vocabulary split, known on the device only).
+    Checked eagerly on CPU. On CUDA, and under ``torch.compile`` (where a data-dependent ``if``
+    would break the graph), ``torch._assert_async`` raises instead, without a host sync.
+    """
+    if bad.device.type == "cuda" or torch.compiler.is_compiling():
+        torch._assert_async(~bad, message)
+        return
+    if bool(bad):
+        raise ValueError(message)
+
+
+def check_target_range(name: str, targets: torch.Tensor, vocab: Union[int, torch.Tensor], ignore_index: int) -> None:
+    """Every id must lie in ``[0, vocab)`` or equal ``ignore_index`` (see ``fail_if`` for when).
+
+    ``vocab`` may be a 0-d tensor (the global size of a vocabulary split, known on the device only).
     """
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
     if targets.device.type == "cuda" or torch.compiler.is_compiling():
         # Formatting a tensor would read it back: name the bound only when it is a Python int.
         bound = vocab if isinstance(vocab, int) else "V"
-        torch._assert_async(~bad.any(), f"{name}: target ids must be in [0, {bound}) or ignore_index={ignore_index}")
+        fail_if(bad.any(), f"{name}: target ids must be in [0, {bound}) or ignore_index={ignore_index}")
         return
     if bool(bad.any()):
         first = targets[bad].flatten()[0].item()

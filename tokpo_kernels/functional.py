@@ -90,8 +90,13 @@ def linear_vocab_stats(
     if sharded.group is not None:
         if resolved == "naive":
             raise ValueError("impl='naive' does not support vocabulary parallelism; use impl='torch' or 'triton'")
-        # Collective: every rank reaches it after the same local checks, so none waits on a failed one.
-        shard = vocab_shard(weight.shape[0], sharded.group, weight.device)
+        # First collective. Ranks whose inputs have the same shapes pass the same local checks above;
+        # one that fails a check only it can fail (e.g. an empty shard) leaves the others waiting
+        # here until the process group's timeout.
+        replicated = [("hidden", hidden), ("targets", targets)]
+        if ref_hidden is not None:
+            replicated.append(("ref_hidden", ref_hidden))
+        shard = vocab_shard(weight.shape[0], sharded.group, weight.device, replicated)
         check_target_range("targets", targets, shard.total, ignore_index)
     params = StatsParams(
         ignore_index=ignore_index,

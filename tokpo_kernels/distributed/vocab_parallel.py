@@ -23,12 +23,13 @@ a ring sends about 2(W−1)/W times the payload), with N token rows (ignored one
 every row avoids a host sync), J target ids per row, W ranks, ``r = 1`` with a reference, and
 c = 4 bytes (statistics travel in fp32; 8 for fp64 inputs):
 
-    layout:  one SUM of W int64                             8·W bytes
+    layout:  one SUM of W·(3 + r) float64                   8·W·(3 + r) bytes
+             (shard sizes, and checksums of hidden, targets and ref_hidden: they must agree)
     maxima:  one MAX of N·(1 + r) numbers                   c·N·(1 + r) bytes
     sums:    one SUM of N·((1 + r)(1 + J) + kl + entropy)   c·N·((1 + r)(1 + J) + kl + entropy) bytes
 
-e.g. TDPO (r = 1, J = 1, kl): 8·W + 28·N bytes. Per backward one SUM of ``∂hidden`` in fp32:
-c·N·D bytes, the dominant term (``∂W`` and ``∂bias`` stay local;
+e.g. TDPO (r = 1, J = 1, kl): 32·W + 28·N bytes. Per backward, when ``hidden`` needs a gradient,
+one SUM of ``∂hidden`` in fp32: c·N·D bytes, the dominant term (``∂W`` and ``∂bias`` stay local;
 the backward uses the global ``lse``/``lse_q``/``H`` saved by the forward). ``comm_bytes`` states
 the same formula in code and is what the test that counts the bytes compares against.
 """
@@ -36,12 +37,13 @@ the same formula in code and is what the test that counts the bytes compares aga
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from tokpo_kernels._types import RawStats
+from tokpo_kernels._validation import fail_if
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,32 @@ def resolve_group(group_name: str) -> dist.ProcessGroup:
     return _resolve_process_group(group_name)
 
 
-def vocab_shard(rows: int, group: dist.ProcessGroup, device: torch.device) -> VocabShard:
-    """Exchange shard sizes (one SUM all-reduce of W int64): rank ``r`` starts at ``Σ_{i<r} V_i``."""
+def vocab_shard(
+    rows: int, group: dist.ProcessGroup, device: torch.device, replicated: Sequence[Tuple[str, torch.Tensor]]
+) -> VocabShard:
+    """Exchange shard sizes and check that the ``replicated`` inputs agree across ranks.
+
+    One SUM all-reduce of ``W·(1 + k)`` float64 (k = ``len(replicated)``): rank ``r`` fills row
+    ``r`` with its shard size ``V_r`` (exact in float64 below 2**53) and a checksum (the float64
+    sum) of each replicated input. Rank ``r`` starts at ``Σ_{i<r} V_i``. Hidden states or targets
+    that differ between ranks would otherwise give a silent blend of several batches; every rank
+    sees the same table, so all of them raise together and none is left waiting in a collective.
+    """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    sizes[rank] = rows
-    dist.all_reduce(sizes, op=dist.ReduceOp.SUM, group=group)
+    table = torch.zeros(world, 1 + len(replicated), dtype=torch.float64, device=device)
+    table[rank, 0] = rows
+    for i, (_, t) in enumerate(replicated):
+        table[rank, 1 + i] = t.sum(dtype=torch.float64)
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
+    # Bitwise comparison: equal inputs give equal sums (NaN included) on every rank.
+    bits = table[:, 1:].view(torch.int64)
+    names = ", ".join(name for name, _ in replicated)
+    fail_if(
+        (bits != bits[:1]).any(),
+        f"process_group: expected the same {names} on every rank of the vocabulary-parallel group "
+        "(each rank holds a vocabulary shard of the head for the same tokens), got different checksums",
+    )
+    sizes = table[:, 0].to(torch.int64)
     return VocabShard(start=sizes[:rank].sum(), total=sizes.sum(), rows=rows, group_name=group.group_name)
 
 
@@ -165,7 +187,8 @@ def vocab_mean(
     weight: torch.Tensor, bias: Optional[torch.Tensor], group: Optional[dist.ProcessGroup], dtype: torch.dtype
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(1/V) Σ_v W_v`` and ``(1/V) Σ_v b_v`` (``dtype`` accumulation) of a whole head, or of a head
-    split over ``group`` (one all-reduce of D + 2 numbers), differentiable w.r.t. the local rows."""
+    split over ``group`` (one all-reduce of D + 1 numbers, D + 2 with a bias), differentiable w.r.t.
+    the local rows."""
     d = weight.shape[1]
     parts = [weight.sum(0, dtype=dtype)]
     if bias is not None:
@@ -184,10 +207,13 @@ def comm_bytes(
 ) -> int:
     """All-reduce payload bytes one rank sends per call (the formula of the module docstring).
 
+    ``backward=True`` adds the ``∂hidden`` all-reduce, which is sent only when ``hidden`` needs a
+    gradient.
+
     ``dtype`` is the inputs' dtype: statistics and ``∂hidden`` travel in the accumulation dtype,
     fp32 for fp32/bf16/fp16 inputs (``c = 4`` bytes) and fp64 for fp64 inputs (``c = 8``).
     """
     c = torch.promote_types(dtype, torch.float32).itemsize
     r = int(reference)
-    forward = 8 * world + c * n * (1 + r) + c * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
+    forward = 8 * world * (3 + r) + c * n * (1 + r) + c * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
     return forward + (c * n * d if backward else 0)
