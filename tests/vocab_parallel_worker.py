@@ -357,7 +357,11 @@ def dtensor_tensor_parallel(rank: int, world: int) -> None:
     assert_close(hd.grad.full_tensor(), h.grad, name="grad hidden", **TOL)
     assert_close(wd.grad.full_tensor(), w.grad, name="grad weight", **TOL)
     # Layouts that cannot be used as they are raise with what to do.
-    for bad, why in ((distribute_tensor(t["weight"], mesh, [Shard(1)]), "Shard(0)"),):
+    bad_layouts = (
+        (distribute_tensor(t["weight"], mesh, [Shard(1)]), "Shard(0)"),
+        (distribute_tensor(t["weight"], mesh, [Replicate()]), "Shard(0)"),
+    )
+    for bad, why in bad_layouts:
         try:
             tk.tdpo_loss(hd, bad, t["targets"], rhd, rwd, impl="torch")
         except ValueError as e:

@@ -10,7 +10,9 @@ What each layout means for ``linear_vocab_stats`` and what is done with it:
 * A DTensor sharded on dim 0 over a 1-D mesh with a *plain* ``hidden`` (FSDP2: every rank has its
   own tokens; e.g. a head wrapped in its own ``fully_shard`` unit, resharded after forward): the
   weight is gathered for the call, ``full_tensor(grad_placements=[Partial("avg")])``, so its gradient
-  is reduce-scattered and averaged over the mesh exactly as FSDP2 does by default.
+  is reduce-scattered and averaged over the mesh exactly as FSDP2 does by default. This reading
+  is an assumption about the layout: a head sharded this way for another purpose (or FSDP2 with a
+  custom gradient divide factor) would need its own gather; pass plain tensors then.
 * A DTensor sharded on dim 0 with ``hidden`` a DTensor replicated on the same mesh (tensor
   parallel): the local shard is used directly, vocabulary-parallel over the mesh's group. Results
   are plain tensors, the same on every rank.
@@ -76,7 +78,8 @@ def _layout_error(name: str, t, why: str) -> ValueError:
     )
 
 
-def _shard0_on_1d_mesh(name: str, t) -> None:
+def check_shard0_on_1d_mesh(name: str, t) -> None:
+    """The only DTensor layout handled: sharded over the vocabulary (dim 0) on a 1-D mesh."""
     from torch.distributed.tensor import Shard
 
     if t.device_mesh.ndim != 1:
@@ -137,7 +140,7 @@ def resolve_sharded_weights(
         if t is not None and not _is_dtensor(t):
             raise ValueError(f"{name}: expected a DTensor like weight (on the same mesh), got a plain tensor")
         if t is not None:
-            _shard0_on_1d_mesh(name, t)
+            check_shard0_on_1d_mesh(name, t)
     mesh = weight.device_mesh
     for name, t in weights.items():
         if t is not None and t.device_mesh != mesh:

@@ -46,7 +46,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from tokpo_kernels.distributed.sharded_weights import gather_data_parallel
+from tokpo_kernels.distributed.sharded_weights import check_shard0_on_1d_mesh, gather_data_parallel
 
 __all__ = [
     "LMHead",
@@ -353,8 +353,10 @@ def gathered_lm_head(model: nn.Module) -> Iterator[LMHead]:
             head = lm_head_params(model)  # re-read: views into the gathered flat parameter
         weight, bias = head.weight, head.bias
         if hasattr(weight, "full_tensor"):  # torch.distributed.tensor.DTensor (FSDP2)
+            check_shard0_on_1d_mesh("lm-head weight", weight)
             weight = gather_data_parallel(weight)
         if bias is not None and hasattr(bias, "full_tensor"):
+            check_shard0_on_1d_mesh("lm-head bias", bias)
             bias = gather_data_parallel(bias)
         yield LMHead(weight=weight, bias=bias, softcap=head.softcap, scale=head.scale)
 
