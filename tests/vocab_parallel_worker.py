@@ -65,9 +65,14 @@ def run_both(
     world: int,
     *,
     positional: Sequence[str] = (),
+    single_impl: str = "naive",
     **kwargs: object,
 ) -> None:
-    """Single-process vs vocabulary-parallel call of ``fn``; random cotangents on every output."""
+    """Single-process vs vocabulary-parallel call of ``fn``; random cotangents on every output.
+
+    The single-process side runs ``single_impl`` (default: the naive full-logit implementation,
+    independent of the chunked/Triton code the parallel side reuses on its shard).
+    """
     sl = rows_of(rank, world)
 
     def leaves(shard: bool) -> Dict[str, Optional[torch.Tensor]]:
@@ -84,8 +89,8 @@ def run_both(
     for shard in (False, True):
         ins = leaves(shard)
         args = [ins.pop(k) for k in positional]
-        extra = {"process_group": dist.group.WORLD} if shard else {}
-        outs = outputs(fn(*args, **ins, **kwargs, **extra))
+        extra = {"process_group": dist.group.WORLD} if shard else {"impl": single_impl}
+        outs = outputs(fn(*args, **ins, **{**kwargs, **extra}))
         gen = torch.Generator().manual_seed(7)
         total = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs.values() if o.requires_grad)
         total.backward()
@@ -150,6 +155,23 @@ def stats_torch_several_ids_softcap_temperature(rank: int, world: int) -> None:
 @check
 def stats_triton_interpreted(rank: int, world: int) -> None:
     _stats(rank, world, "triton", j=2)
+
+
+@check
+def stats_with_a_fully_masked_shard(rank: int, world: int) -> None:
+    """The last rank's rows are padding masked by a -inf bias: its local lse is -inf, and its
+    undefined local entropy/KL must drop out of the merge."""
+    t = _stats_inputs(world, bias=True, j=2)
+    last = rows_of(world - 1, world)
+    t["bias"][last] = float("-inf")
+    t["ref_bias"][last] = float("-inf")
+    y = t["targets"]
+    y[(y >= last.start) & (y < last.stop)] = 0  # no target in the masked rows
+    for impl in ("torch", "triton"):
+        # Naive full logits would form 0·(−inf) in its entropy: the torch impl is the reference here
+        # (itself checked against the head without masked rows in tests/test_masked_vocabulary.py).
+        run_both(tk.linear_vocab_stats, t, ROWS, ("hidden", "weight", "bias"), stats_outputs, rank, world,
+                 positional=("hidden", "weight", "targets"), impl=impl, kl=True, entropy=True, single_impl="torch")
 
 
 @check

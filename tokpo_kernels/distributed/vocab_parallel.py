@@ -131,10 +131,12 @@ def combine_across_ranks(raw: RawStats, owned: torch.Tensor, row_valid: torch.Te
         ref_shift = ref_lse_r - maxima[1]
         wq = torch.exp(ref_shift)
         parts += [wq[:, None], clean(raw.ref_tgt_logit, owned)]
+    # A fully masked shard (all logits -inf: lse_r = -inf, w = 0) has undefined local H_r / KL_r
+    # and must contribute exactly 0, so its terms are selected away rather than multiplied by 0.
     if raw.entropy is not None:
-        parts.append((w * (clean(raw.entropy, row_valid) - shift))[:, None])
+        parts.append(torch.where(w > 0, w * (clean(raw.entropy, row_valid) - shift), zero)[:, None])
     if raw.kl is not None:
-        parts.append((wq * (clean(raw.kl, row_valid) + ref_shift - shift))[:, None])
+        parts.append(torch.where(wq > 0, wq * (clean(raw.kl, row_valid) + ref_shift - shift), zero)[:, None])
     sums = torch.cat(parts, dim=1)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     cols = iter(torch.split(sums, [p.shape[1] for p in parts], dim=1))

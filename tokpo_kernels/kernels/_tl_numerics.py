@@ -83,8 +83,10 @@ def online_softmax_step(m, s, e, z, NEED_E: tl.constexpr):
     """Fold tile ``z`` (−inf in masked columns) into ``(m, s, e)``; also returns ``dm = m_new − m``."""
     m_new = tl.maximum(m, tl.max(z, 1))
     dm = tl.where(m == float("-inf"), 0.0, m_new - m)
-    scale = tl.exp(m - m_new)
-    zc = z - m_new[:, None]
+    # Rows with no finite logit yet (a fully masked tile, e.g. a -inf bias) shift by 0: s stays 0.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - m_shift)
+    zc = z - m_shift[:, None]
     p = tl.exp(zc)
     if NEED_E:
         e = scale * (e - dm * s) + tl.sum(tl.where(p > 0.0, p * zc, 0.0), 1)
@@ -98,10 +100,12 @@ def online_kl_step(mr, sr, a, zr, z, m_new, dm):
     max is ``m_new`` after a growth of ``dm``) into ``(mr, sr, a)``."""
     mr_new = tl.maximum(mr, tl.max(zr, 1))
     dmr = tl.where(mr == float("-inf"), 0.0, mr_new - mr)
-    alpha = tl.exp(mr - mr_new)
-    zrc = zr - mr_new[:, None]
+    mr_shift = tl.where(mr_new == float("-inf"), 0.0, mr_new)
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(mr - mr_shift)
+    zrc = zr - mr_shift[:, None]
     q = tl.exp(zrc)
-    a = alpha * (a + sr * (dm - dmr)) + tl.sum(tl.where(q > 0.0, q * (zrc - (z - m_new[:, None])), 0.0), 1)
+    a = alpha * (a + sr * (dm - dmr)) + tl.sum(tl.where(q > 0.0, q * (zrc - (z - m_shift[:, None])), 0.0), 1)
     sr = alpha * sr + tl.sum(q, 1)
     return mr_new, sr, a
 

@@ -98,7 +98,8 @@ def _backward_kernel(
     if USE_ENTROPY:
         ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
         g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
-        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+        # A masked logit (logp = -inf, p = 0) contributes nothing, not 0·inf = NaN.
+        dz -= tl.where(p > 0.0, g_ent[:, None] * p * (logp + ent[:, None]), 0.0)
     if USE_Q:
         zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
                         stride_rhn, stride_rhd, stride_rwv, stride_rwd,

@@ -168,6 +168,8 @@ def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_
     """
     m, s = partials[_M], partials[_S]
     big_m = m.max(0).values
+    # A row with no finite logit at all (a fully masked vocabulary shard) keeps lse = -inf.
+    big_m = torch.where(torch.isneginf(big_m), torch.zeros_like(big_m), big_m)
     wgt = torch.exp(m - big_m)
     # An empty split (possible with autotuned blocks) has m = -inf and s = 0: its shift M − m = inf
     # must not meet s = 0. Key on emptiness, not on a vanishing weight: a split whose policy max is
@@ -183,6 +185,7 @@ def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_
     if has_ref:
         mr, sr = partials[_MR], partials[_SR]
         big_mr = mr.max(0).values
+        big_mr = torch.where(torch.isneginf(big_mr), torch.zeros_like(big_mr), big_mr)
         alpha = torch.exp(mr - big_mr)
         shift_r = torch.where(sr > 0, big_mr - mr, torch.zeros_like(mr))
         sr_tot = (alpha * sr).sum(0)

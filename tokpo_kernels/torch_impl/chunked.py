@@ -59,11 +59,21 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], params:
     return raw, transform_logits(raw, params.temperature, params.softcap)
 
 
-def _shifted_exp(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place ``z ← z − max``; returns ``(max, e = exp(z − max), s = Σ e)``."""
+def _shifted_exp(z: torch.Tensor, finite: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place ``z ← z − max``; returns ``(max, e = exp(z − max), s = Σ e)``.
+
+    Masked logits (``−inf``, e.g. a ``−inf`` bias on padded vocabulary rows) have ``e = 0``. A row
+    whose logits are all ``−inf`` (a fully masked vocabulary shard) is shifted by 0 and gets
+    ``s = 0``, ``lse = −inf``. With ``finite`` the shifted ``−inf`` entries are then clamped to the
+    dtype's lowest finite value, so that products ``e·z`` used by entropy and KL are 0 there
+    instead of ``0·(−inf) = NaN``.
+    """
     m = z.amax(dim=-1)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     z.sub_(m[:, None])
     e = torch.exp(z)
+    if finite:
+        z.clamp_min_(torch.finfo(z.dtype).min)
     return m, e, e.sum(-1)
 
 
@@ -114,7 +124,7 @@ def chunked_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: Sta
         safe = c.safe[sl]
         _, z = _logits(h_v[sl].to(cd), w_c, b_c, params)
         tgt[sl] = z.gather(1, safe)
-        m, e, s = _shifted_exp(z)  # z now holds z − m
+        m, e, s = _shifted_exp(z, finite=params.entropy or params.kl)  # z now holds z − m
         log_s = s.log()
         lse[sl] = m + log_s
         if ent is not None:
@@ -123,7 +133,7 @@ def chunked_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: Sta
         if has_ref:
             _, zr = _logits(rh_v[sl].to(cd), rw_c, rb_c, params)
             ref_tgt[sl] = zr.gather(1, safe)
-            mr, er, sr = _shifted_exp(zr)
+            mr, er, sr = _shifted_exp(zr, finite=params.kl)
             log_sr = sr.log()
             ref_lse[sl] = mr + log_sr
             if kl is not None:
@@ -178,6 +188,8 @@ def chunked_backward(
             # dz = p ⊙ (g_p − g_H(ℓ + H))
             p = torch.exp(dz)
             dz.add_(ent_v[sl, None]).mul_(-g_ent[sl, None]).add_(g_p[sl, None]).mul_(p)
+            # A masked logit (ℓ = −inf, p = 0) contributes nothing, not 0·inf = NaN.
+            dz.masked_fill_(p == 0, 0.0)
             del p
         else:
             dz.exp_().mul_(g_p[sl, None])
