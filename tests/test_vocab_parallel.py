@@ -44,7 +44,12 @@ def _results(world: int, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, 
                              text=True)
             for r in range(world)
         ]
-        logs = [p.communicate(timeout=900)[0] for p in procs]
+        try:
+            logs = [p.communicate(timeout=900)[0] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
         merged: Dict[str, Optional[str]] = {}
         for r, p in enumerate(procs):
             path = out / f"rank{r}.json"

@@ -65,7 +65,11 @@ def linear_vocab_stats(
             same on every rank. Each rank streams its shard and the per-token statistics are merged
             with all-reduces of O(N) numbers; the backward all-reduces ``∂hidden``, and ``∂weight``
             is this rank's shard. Bytes: see ``tokpo_kernels.distributed.comm_bytes``. Needs
-            ``impl`` ``"torch"`` or ``"triton"``. DTensor weights (FSDP2, tensor parallel) and
+            ``impl`` ``"torch"`` or ``"triton"``. Passing the whole head on every rank instead of
+            a shard would count every row W times (``lse`` too large by ``log W``), and whether
+            ``hidden`` needs a gradient must agree across ranks (the backward all-reduce is
+            collective). Hidden states and targets that differ between ranks are caught by a
+            checksum and raise. DTensor weights (FSDP2, tensor parallel) and
             ZeRO-3 parameters are recognised without it (see
             ``tokpo_kernels.distributed.sharded_weights``).
 

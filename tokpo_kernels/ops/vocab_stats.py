@@ -18,7 +18,8 @@ Gradient bookkeeping done here (so implementations only see METHODS.md §1 scala
 z_{y_j} − lse`` gives ``g_j = ∂L/∂logp_j`` at the target logit (applied by the rank owning the id)
 and ``−Σ_j g_j`` on ``lse`` (applied by every rank: ``lse`` spans the whole vocabulary).
 ``ref_logp`` is non-differentiable; ``kl`` is clamped at 0 in forward (rounding only; documented)
-and its gradient is the unclamped one.
+and its gradient is the unclamped one. Double backward is not supported (the backward op has no
+autograd formula; PyTorch says so if one is attempted).
 """
 
 from __future__ import annotations
