@@ -54,7 +54,8 @@ def _results(world: int, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, 
         for r, p in enumerate(procs):
             path = out / f"rank{r}.json"
             assert p.returncode == 0 and path.exists(), f"rank {r} exited with {p.returncode}:\n{logs[r][-4000:]}"
-            for name, err in json.loads(path.read_text()).items():
+            for name, record in json.loads(path.read_text()).items():
+                err = record["error"]
                 if err is not None:
                     merged[name] = (merged.get(name) or "") + f"--- rank {r} ---\n{err}"
                 else:
