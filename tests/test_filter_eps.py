@@ -60,7 +60,7 @@ def test_filter_skips_negligible_tiles_only(target_in_low_tile, device, gen):
 
 
 def test_filter_auto_is_bf16_resolution_and_torch_ignores_it(gen):
-    from tokpo_kernels.kernels.launch import resolve_filter_eps
+    from tokpo_kernels.ops.params import resolve_filter_eps
 
     assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-7
     assert resolve_filter_eps(None, torch.bfloat16) is None

@@ -17,6 +17,13 @@ from typing import Optional
 import torch
 
 
+def max_shift(m: torch.Tensor) -> torch.Tensor:
+    """The shift for a row maximum ``m``: ``m`` itself, or 0 where ``m = −inf`` (a row with no finite
+    logit, e.g. a fully masked vocabulary shard), so that ``z − shift`` never forms ``−inf − (−inf)``
+    and the row keeps ``Σ exp = 0``, ``lse = −inf``."""
+    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+
+
 def transform_logits(raw: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:
     """``z`` from raw logits ``r`` (any float dtype; returns the same dtype)."""
     z = raw

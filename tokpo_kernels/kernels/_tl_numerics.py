@@ -79,12 +79,18 @@ def transform_logits(raw, inv_temperature, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def max_shift(m):
+    """Twin of ``numerics.max_shift``: 0 where the running max is -inf (no finite logit yet, e.g. a
+    fully masked tile), so that ``z - shift`` never forms ``-inf - (-inf)`` and the row's sum stays 0."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def online_softmax_step(m, s, e, z, NEED_E: tl.constexpr):
     """Fold tile ``z`` (−inf in masked columns) into ``(m, s, e)``; also returns ``dm = m_new − m``."""
     m_new = tl.maximum(m, tl.max(z, 1))
     dm = tl.where(m == float("-inf"), 0.0, m_new - m)
-    # Rows with no finite logit yet (a fully masked tile, e.g. a -inf bias) shift by 0: s stays 0.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_shift = max_shift(m_new)
     scale = tl.exp(m - m_shift)
     zc = z - m_shift[:, None]
     p = tl.exp(zc)
@@ -100,8 +106,8 @@ def online_kl_step(mr, sr, a, zr, z, m_new, dm):
     max is ``m_new`` after a growth of ``dm``) into ``(mr, sr, a)``."""
     mr_new = tl.maximum(mr, tl.max(zr, 1))
     dmr = tl.where(mr == float("-inf"), 0.0, mr_new - mr)
-    mr_shift = tl.where(mr_new == float("-inf"), 0.0, mr_new)
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    mr_shift = max_shift(mr_new)
+    m_shift = max_shift(m_new)
     alpha = tl.exp(mr - mr_shift)
     zrc = zr - mr_shift[:, None]
     q = tl.exp(zrc)

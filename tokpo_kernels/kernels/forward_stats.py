@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
+from tokpo_kernels.numerics import max_shift
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
     logit_tile,
@@ -167,9 +168,8 @@ def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_
     which re-bases each split's terms on the global maxima (same algebra as the in-kernel update).
     """
     m, s = partials[_M], partials[_S]
-    big_m = m.max(0).values
     # A row with no finite logit at all (a fully masked vocabulary shard) keeps lse = -inf.
-    big_m = torch.where(torch.isneginf(big_m), torch.zeros_like(big_m), big_m)
+    big_m = max_shift(m.max(0).values)
     wgt = torch.exp(m - big_m)
     # An empty split (possible with autotuned blocks) has m = -inf and s = 0: its shift M − m = inf
     # must not meet s = 0. Key on emptiness, not on a vanishing weight: a split whose policy max is
@@ -184,8 +184,7 @@ def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_
         entropy = log_s - e_tot / s_tot
     if has_ref:
         mr, sr = partials[_MR], partials[_SR]
-        big_mr = mr.max(0).values
-        big_mr = torch.where(torch.isneginf(big_mr), torch.zeros_like(big_mr), big_mr)
+        big_mr = max_shift(mr.max(0).values)
         alpha = torch.exp(mr - big_mr)
         shift_r = torch.where(sr > 0, big_mr - mr, torch.zeros_like(mr))
         sr_tot = (alpha * sr).sum(0)

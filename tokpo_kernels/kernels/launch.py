@@ -17,7 +17,7 @@ from tokpo_kernels._types import RawStats, StatGrads
 from tokpo_kernels.kernels.backward import launch_backward
 from tokpo_kernels.kernels.configs import backward_config, forward_config, forward_splits
 from tokpo_kernels.kernels.forward_stats import NUM_PARTIALS, combine_partials, launch_forward_stats
-from tokpo_kernels.ops.params import StatsParams, resolve_filter_eps  # noqa: F401  (re-exported)
+from tokpo_kernels.ops.params import StatsParams
 
 
 def _compaction(row_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ def triton_backward(
         f32(grads.g_lse), f32(grads.g_tgt), f32(grads.g_kl), f32(grads.g_entropy),
         dh, dw, db,
         inv_temperature=1.0 / params.temperature, softcap=params.softcap,
-        filter_eps=resolve_filter_eps(params.filter_eps, h.dtype),
+        filter_eps=params.filter_eps,  # already resolved to None or a float by ops
         upcast=upcast, dot_precision=precision,
         block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

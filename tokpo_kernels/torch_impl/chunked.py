@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from tokpo_kernels._types import RawStats, StatGrads
-from tokpo_kernels.numerics import transform_grad_, transform_logits
+from tokpo_kernels.numerics import max_shift, transform_grad_, transform_logits
 from tokpo_kernels.ops.params import StatsParams
 
 # Logit elements per chunk: 2**23 fp32 = 32 MiB per (chunk, V) tile, at most three alive (~96 MiB).
@@ -68,8 +68,7 @@ def _shifted_exp(z: torch.Tensor, finite: bool) -> Tuple[torch.Tensor, torch.Ten
     dtype's lowest finite value, so that products ``e·z`` used by entropy and KL are 0 there
     instead of ``0·(−inf) = NaN``.
     """
-    m = z.amax(dim=-1)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    m = max_shift(z.amax(dim=-1))
     z.sub_(m[:, None])
     e = torch.exp(z)
     if finite:
