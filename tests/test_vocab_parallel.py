@@ -53,7 +53,8 @@ def _results(world: int, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, 
         merged: Dict[str, Optional[str]] = {}
         for r, p in enumerate(procs):
             path = out / f"rank{r}.json"
-            assert p.returncode == 0 and path.exists(), f"rank {r} exited with {p.returncode}:\n{logs[r][-4000:]}"
+            assert p.returncode == 0 and path.exists(), (
+                f"rank {r} exited with {p.returncode} (results written: {path.exists()}):\n{logs[r][-4000:]}")
             for name, record in json.loads(path.read_text()).items():
                 err = record["error"]
                 if err is not None:

@@ -459,7 +459,14 @@ def main() -> None:
         dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    dist.barrier()  # nobody tears down while a peer is still inside a collective
     dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's worker threads can outlive it and abort the process
+    # with "terminate called without an active exception" (seen once in CI, rank 2 of 3, after all
+    # checks had run). The results are already on disk; nothing after this point is under test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
