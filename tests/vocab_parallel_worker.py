@@ -396,6 +396,12 @@ def dtensor_tensor_parallel(rank: int, world: int) -> None:
             assert why in str(e), str(e)
         else:
             raise AssertionError("a weight sharded over D was accepted")
+    try:  # a plain reference beside a vocabulary split: which rows it holds is ambiguous
+        tk.tdpo_loss(hd, wd, t["targets"], rhd, t["ref_weight"], impl="torch")
+    except ValueError as e:
+        assert "reference head sharded the same way" in str(e), str(e)
+    else:
+        raise AssertionError("a plain reference head beside a tensor-parallel policy head was accepted")
     try:
         tk.linear_vocab_stats(h, wd, t["targets"], process_group=dist.group.WORLD)
     except ValueError as e:
@@ -440,6 +446,62 @@ def fsdp2_sharded_head(rank: int, world: int) -> None:
     tk.linear_cross_entropy(h, ours.head.weight, y, impl="torch").loss.backward()
     for (name, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
         assert_close(a.grad.to_local(), b.grad.to_local(), name=f"grad {name}", **TOL)
+
+
+@check
+def fsdp2_head_with_any_reference(rank: int, world: int) -> None:
+    """An FSDP2-sharded policy head (Shard(0) DTensor, each rank its own tokens) beside a reference
+    head that is plain (an unwrapped frozen model) or itself sharded: the reference needs no
+    gradient, so either gives the single-process loss; the policy's gradient is the mean over ranks.
+    Also: a plain policy with a sharded reference, and the dtype hint for FSDP2 mixed precision."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    t = make_batch(2, 5, 6, VOCAB, seed=3, bias=True)
+    gen = torch.Generator().manual_seed(20 + rank)  # every rank has its own tokens
+    hidden = torch.randn(t["hidden"].shape, generator=gen)
+    ref_hidden = hidden + 0.3 * torch.randn(hidden.shape, generator=gen)
+    targets = t["targets"]
+
+    def single(ref_weight_bias):
+        w = t["weight"].clone().requires_grad_()
+        b = t["bias"].clone().requires_grad_()
+        out = tk.tdpo_loss(hidden, w, targets, ref_hidden, ref_weight_bias[0], bias=b, ref_bias=ref_weight_bias[1],
+                           impl="torch")
+        out.loss.backward()
+        grads = [w.grad.clone(), b.grad.clone()]
+        for g in grads:  # FSDP2's gradient: the mean over the data-parallel ranks
+            dist.all_reduce(g, op=dist.ReduceOp.AVG)
+        return out.loss, grads
+
+    expected_loss, expected_grads = single((t["ref_weight"], t["ref_bias"]))
+    plain_ref = (t["ref_weight"], t["ref_bias"])
+    sharded_ref = tuple(distribute_tensor(t[k], mesh, [Shard(0)]) for k in ("ref_weight", "ref_bias"))
+    for label, (rw, rb) in (("plain reference", plain_ref), ("sharded reference", sharded_ref)):
+        w = distribute_tensor(t["weight"], mesh, [Shard(0)]).requires_grad_()
+        b = distribute_tensor(t["bias"], mesh, [Shard(0)]).requires_grad_()
+        out = tk.tdpo_loss(hidden, w, targets, ref_hidden, rw, bias=b, ref_bias=rb, impl="torch")
+        out.loss.backward()
+        assert_close(out.loss, expected_loss, name=f"{label}: loss", **TOL)
+        assert_close(w.grad.full_tensor(), expected_grads[0], name=f"{label}: grad weight", **TOL)
+        assert_close(b.grad.full_tensor(), expected_grads[1], name=f"{label}: grad bias", **TOL)
+    # A plain policy head beside a sharded reference: the reference is gathered.
+    out = tk.tdpo_loss(hidden, t["weight"], targets, ref_hidden, sharded_ref[0], bias=t["bias"],
+                       ref_bias=sharded_ref[1], impl="torch")
+    assert_close(out.loss, expected_loss, name="plain policy, sharded reference: loss", **TOL)
+    # FSDP2 mixed precision casts the head only inside its module: the error says what to pass.
+    w = distribute_tensor(t["weight"], mesh, [Shard(0)]).requires_grad_()
+    try:
+        tk.tdpo_loss(hidden.bfloat16(), w, targets, ref_hidden.bfloat16(), t["ref_weight"].bfloat16(), impl="torch")
+    except TypeError as e:
+        assert "weight.to(hidden.dtype)" in str(e), str(e)
+    else:
+        raise AssertionError("an fp32 sharded head with bf16 hidden states was accepted")
+    out = tk.tdpo_loss(hidden.bfloat16(), w.to(torch.bfloat16), targets, ref_hidden.bfloat16(),
+                       t["ref_weight"].bfloat16(), impl="torch")
+    out.loss.backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32, "the cast head's gradient reaches the fp32 shard"
 
 
 def main() -> None:

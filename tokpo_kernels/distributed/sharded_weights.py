@@ -18,6 +18,10 @@ What each layout means for ``linear_vocab_stats`` and what is done with it:
   are plain tensors, the same on every rank.
 * Any other DTensor layout (2-D meshes, sharding on D, Partial, a replicated weight) raises with
   what to do instead: guessing how gradients should be reduced could give a silently wrong one.
+* The reference head follows the policy's mode. Tensor parallel: it must be split the same way
+  (a Shard(0) DTensor on the same mesh). Otherwise it needs no gradient, so a DTensor reference of
+  any layout is gathered with ``full_tensor()`` and a plain one is the whole head (a frozen
+  reference model need not be wrapped like the policy).
 * A ZeRO-3 parameter must be gathered (``ds_status`` AVAILABLE), as it is inside the forward of
   its module; a partitioned one (an empty placeholder) raises with what to do.
 """
@@ -107,6 +111,25 @@ def gather_data_parallel(t):
     return t.full_tensor(grad_placements=[Partial("avg")])
 
 
+def _gathered_reference(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A reference weight or bias as a plain whole tensor: it never receives a gradient, so any
+    DTensor layout may simply be gathered (``full_tensor``); a plain tensor is the whole head."""
+    if t is None or not _is_dtensor(t):
+        return t
+    return t.detach().full_tensor()
+
+
+def _check_fsdp_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """Checked before gathering, with the hint the generic dtype check cannot give."""
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"weight: the FSDP2-sharded head is gathered in its stored dtype ({weight.dtype}), but hidden is "
+            f"{hidden.dtype}. FSDP2's MixedPrecisionPolicy casts parameters only inside the module's forward; "
+            "pass weight.to(hidden.dtype) (the cast is differentiable: the gradient still reaches the sharded "
+            "parameter), or call the loss where FSDP2 has unsharded the head"
+        )
+
+
 def resolve_sharded_weights(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -116,38 +139,66 @@ def resolve_sharded_weights(
     ref_bias: Optional[torch.Tensor],
     process_group: Optional[dist.ProcessGroup],
 ) -> ResolvedWeights:
-    """Turn sharded parameters into plain tensors plus, when vocabulary-parallel, the group to use."""
+    """Turn sharded parameters into plain tensors plus, when vocabulary-parallel, the group to use.
+
+    The policy head (``weight``, ``bias``) decides the mode. The reference head is resolved to
+    match it: under tensor parallelism it must be split the same way; otherwise a DTensor
+    reference is gathered (it needs no gradient) and a plain one is taken as the whole head, so a
+    frozen reference model need not be wrapped like the policy.
+    """
     for name, t in (("weight", weight), ("bias", bias), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         check_zero3_gathered(name, t)
     if process_group is not None:
         if not isinstance(process_group, dist.ProcessGroup):
             raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
-    weights = {"weight": weight, "bias": bias, "ref_weight": ref_weight, "ref_bias": ref_bias}
-    if not any(_is_dtensor(t) for t in weights.values()):
+    policy = {"weight": weight, "bias": bias}
+    reference = {"ref_weight": ref_weight, "ref_bias": ref_bias}
+    policy_sharded = any(_is_dtensor(t) for t in policy.values())
+    reference_sharded = any(_is_dtensor(t) for t in reference.values())
+    if (policy_sharded or reference_sharded) and process_group is not None:
+        raise ValueError(
+            "process_group: a DTensor weight carries its own device mesh; pass either DTensor weights or "
+            "this rank's shard as a plain tensor with process_group, not both"
+        )
+
+    if not policy_sharded:
         if _is_dtensor(hidden) or _is_dtensor(ref_hidden):
             raise ValueError(
                 "hidden: got a DTensor with plain-tensor weights; pass hidden.to_local() (vocabulary-parallel "
                 "with process_group=...) or DTensor weights on the same mesh"
             )
-        return ResolvedWeights(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-
-    if process_group is not None:
-        raise ValueError(
-            "process_group: a DTensor weight carries its own device mesh; pass either DTensor weights or "
-            "this rank's shard as a plain tensor with process_group, not both"
+        return ResolvedWeights(
+            hidden, weight, bias, ref_hidden,
+            _gathered_reference(ref_weight), _gathered_reference(ref_bias), process_group,
         )
-    for name, t in weights.items():
+
+    for name, t in policy.items():
         if t is not None and not _is_dtensor(t):
-            raise ValueError(f"{name}: expected a DTensor like weight (on the same mesh), got a plain tensor")
+            raise ValueError(
+                f"{name}: expected a DTensor like weight (on the same mesh), got a plain tensor; shard both "
+                "or pass both gathered"
+            )
         if t is not None:
             check_shard0_on_1d_mesh(name, t)
     mesh = weight.device_mesh
-    for name, t in weights.items():
-        if t is not None and t.device_mesh != mesh:
-            raise ValueError(f"{name}: expected the same device mesh as weight, got a different one")
+    if bias is not None and bias.device_mesh != mesh:
+        raise ValueError("bias: expected the same device mesh as weight, got a different one")
 
     if _is_dtensor(hidden):
-        # Tensor parallel: every rank holds the same tokens, so the vocabulary shard is used in place.
+        # Tensor parallel: every rank holds the same tokens, so the vocabulary shard is used in place,
+        # and the reference must be split over the vocabulary the same way.
+        for name, t in reference.items():
+            if t is None:
+                continue
+            if not _is_dtensor(t):
+                raise ValueError(
+                    f"{name}: with a vocabulary-sharded DTensor weight and a replicated DTensor hidden (tensor "
+                    "parallel), expected the reference head sharded the same way, got a plain tensor; pass "
+                    f"distribute_tensor({name}, weight.device_mesh, [Shard(0)])"
+                )
+            check_shard0_on_1d_mesh(name, t)
+            if t.device_mesh != mesh:
+                raise ValueError(f"{name}: expected the same device mesh as weight, got a different one")
         for name, h in (("hidden", hidden), ("ref_hidden", ref_hidden)):
             if h is not None and not (_is_dtensor(h) and _replicated_on(h, mesh)):
                 raise ValueError(
@@ -161,9 +212,9 @@ def resolve_sharded_weights(
         )
     if _is_dtensor(ref_hidden):
         raise ValueError("ref_hidden: expected a plain tensor like hidden, got a DTensor")
-    # FSDP2: each rank has its own tokens; gather the head for this call (the reference needs no grad).
-    gather = lambda t: None if t is None else gather_data_parallel(t)  # noqa: E731
-    plain_ref = lambda t: None if t is None else t.detach().full_tensor()  # noqa: E731
+    # FSDP2: each rank has its own tokens; gather the head for this call.
+    _check_fsdp_dtype(hidden, weight)
     return ResolvedWeights(
-        hidden, gather(weight), gather(bias), ref_hidden, plain_ref(ref_weight), plain_ref(ref_bias), None,
+        hidden, gather_data_parallel(weight), None if bias is None else gather_data_parallel(bias), ref_hidden,
+        _gathered_reference(ref_weight), _gathered_reference(ref_bias), None,
     )
