@@ -352,6 +352,15 @@ def bad_input_raises_before_communicating(rank: int, world: int) -> None:
             assert "same hidden, targets on every rank" in str(e), str(e)
         else:
             raise AssertionError(f"{name} differing across ranks was accepted")
+    # An empty shard on one rank only: every rank raises (none is left waiting in a collective).
+    empty = t["weight"][:0] if rank == world - 1 else t["weight"][sl]
+    try:
+        tk.linear_vocab_stats(t["hidden"], empty, t["targets"].clamp_max(0), impl="torch",
+                              process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert "at least one row" in str(e), str(e)
+    else:
+        raise AssertionError("an empty vocabulary shard was accepted")
     # A target id past the global vocabulary is caught once the shard sizes are known.
     y = t["targets"].clone()
     y[1, 1] = VOCAB

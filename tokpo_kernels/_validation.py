@@ -135,12 +135,14 @@ def validate_vocab_stats_inputs(
     impl: str,
     filter_eps: object = None,
     *,
-    check_targets: bool = True,
+    vocab_parallel: bool = False,
 ) -> Tuple[Tuple[int, ...], bool, str]:
     """Checks the arguments of ``linear_vocab_stats``.
 
-    ``check_targets=False`` leaves the id-range check to the caller (vocabulary-parallel calls know
-    the global vocabulary size only after a collective).
+    ``vocab_parallel=True`` leaves the id-range check and the empty-shard check to the caller: a
+    vocabulary-parallel call knows the global vocabulary size only after a collective, and a rank
+    whose shard alone is empty must not raise before the others (they would wait in it until the
+    group's timeout); ``vocab_shard`` raises on every rank instead.
 
     Returns ``(token_shape, several_targets_per_token, resolved_impl)``.
     """
@@ -162,7 +164,7 @@ def validate_vocab_stats_inputs(
         )
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden and weight must share a dtype: hidden is {hidden.dtype}, weight is {weight.dtype}")
-    if vocab == 0:
+    if vocab == 0 and not vocab_parallel:
         raise ValueError("weight: expected a non-empty vocabulary, got V=0")
     token_shape = _shape(hidden)[:-1]
     if _shape(targets) == token_shape:
@@ -232,6 +234,6 @@ def validate_vocab_stats_inputs(
                     f"impl='triton' supports float32/bfloat16/float16 inputs, got {name} of dtype {t.dtype}; "
                     "use impl='torch' for float64"
                 )
-    if check_targets:
+    if not vocab_parallel:
         check_target_range("targets", targets, vocab, ignore_index)
     return token_shape, multi, resolved

@@ -88,15 +88,15 @@ def linear_vocab_stats(
     ref_hidden, ref_weight, ref_bias = sharded.ref_hidden, sharded.ref_weight, sharded.ref_bias
     token_shape, multi, resolved = validate_vocab_stats_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps, check_targets=sharded.group is None,
+        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps, vocab_parallel=sharded.group is not None,
     )
     shard = None
     if sharded.group is not None:
         if resolved == "naive":
             raise ValueError("impl='naive' does not support vocabulary parallelism; use impl='torch' or 'triton'")
-        # First collective. Ranks whose inputs have the same shapes pass the same local checks above;
-        # one that fails a check only it can fail (e.g. an empty shard) leaves the others waiting
-        # here until the process group's timeout.
+        # First collective. Ranks whose inputs have the same shapes pass the same local checks above
+        # (an empty shard, the one rank-local shape, is checked inside on every rank); a rank whose
+        # inputs alone are malformed would still leave the others waiting here until the timeout.
         replicated = [("hidden", hidden), ("targets", targets)]
         if ref_hidden is not None:
             replicated.append(("ref_hidden", ref_hidden))

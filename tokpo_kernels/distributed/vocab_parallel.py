@@ -94,6 +94,11 @@ def vocab_shard(
         "(each rank holds a vocabulary shard of the head for the same tokens), got different checksums",
     )
     sizes = table[:, 0].to(torch.int64)
+    fail_if(
+        (sizes == 0).any(),
+        "process_group: expected every rank of the vocabulary-parallel group to hold at least one row of "
+        "the head, got an empty shard on some rank (split the vocabulary over fewer ranks)",
+    )
     return VocabShard(start=sizes[:rank].sum(), total=sizes.sum(), rows=rows, group_name=group.group_name)
 
 
