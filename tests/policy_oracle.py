@@ -251,3 +251,22 @@ def assert_close(actual, expected, rtol=2e-4, atol=1e-6, what=""):
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (scale {scale:.3e})"
+
+
+def float32_kwargs(kw: Dict[str, object]) -> Dict[str, object]:
+    """The library's fp32 arguments from the oracle's float64 ones (ids and flags unchanged)."""
+    return {k: (x.float() if isinstance(x, torch.Tensor) and x.dtype.is_floating_point else x) for k, x in kw.items()}
+
+
+def assert_matches_oracle(out, loss64, metrics64, grads, rtol, metric_atol=1e-6):
+    """What every CE / PPO / TLPO test asserts of a library ``LossOutput`` against its float64
+    oracle: an fp32 loss close to ``loss64``, exactly the oracle's metric names, each detached and
+    close, and every ``(got, expected, name)`` gradient pair close."""
+    assert out.loss.dtype == torch.float32
+    assert_close(out.loss, loss64, rtol, 1e-6, "loss")
+    assert set(out.metrics) == set(metrics64), f"metric names {sorted(out.metrics)} vs oracle {sorted(metrics64)}"
+    for name, val in metrics64.items():
+        assert not out.metrics[name].requires_grad
+        assert_close(out.metrics[name], val, rtol, metric_atol, f"metric {name}")
+    for got, expected, name in grads:
+        assert_close(got, expected, rtol, 1e-7, name)

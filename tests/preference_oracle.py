@@ -325,6 +325,27 @@ def run_loss(fn, inputs: Dict[str, Tensor], grad_keys, cotangent: float, *, dtyp
     }
 
 
+def compare_with_oracle(fn, oracle, metric_names, batch, grad_keys, impl, *, cotangent_seed: int, rtol: float = 2e-4,
+                        atol: float = 2e-5, **kwargs):
+    """Run the library loss ``fn`` (fp32, on ``impl``'s device) and its float64 ``oracle`` on the same
+    leaves with one random cotangent (drawn from ``cotangent_seed``) and assert they agree: a 0-d
+    fp32 loss, exactly the ``metric_names`` (detached, each close to the oracle's, same shape) and
+    the gradients of ``grad_keys``. Returns the library's ``(loss, metrics, grads)``."""
+    g = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(cotangent_seed)).item()
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    loss, metrics, grads = run_loss(fn, batch, grad_keys, g, impl=impl, device=device, **kwargs)
+    o_loss, o_metrics, o_grads = run_loss(oracle, batch, grad_keys, g, dtype=torch.float64, **kwargs)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert_close(loss, o_loss, rtol=rtol, atol=atol, name="loss")
+    assert set(metrics) == set(metric_names)
+    for k in metric_names:
+        assert not metrics[k].requires_grad, k
+        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol, name=k)  # shapes checked there
+    for k in grad_keys:
+        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=1e-4, name=f"d{k}")
+    return loss, metrics, grads
+
+
 def triton_skip_reason() -> str:
     """Why ``impl="triton"`` cannot run here ("" when it can). Checks files and the environment only."""
     from pathlib import Path

@@ -12,6 +12,7 @@ from preference_oracle import (
     TINY_SHAPES,
     TRITON_DEVICE,
     assert_close,
+    compare_with_oracle,
     make_batch,
     oracle_tdpo,
     run_loss,
@@ -27,21 +28,9 @@ METRICS = (
 needs_triton = pytest.mark.skipif(bool(triton_skip_reason()), reason=triton_skip_reason() or "-")
 
 
-def compare(batch, grad_keys, impl, *, rtol=2e-4, atol=2e-5, seed=0, **kw):
-    g = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(seed + 99)).item()
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
-    loss, metrics, grads = run_loss(tdpo_loss, batch, grad_keys, g, impl=impl, device=device, **kw)
-    o_loss, o_metrics, o_grads = run_loss(oracle_tdpo, batch, grad_keys, g, dtype=torch.float64, **kw)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_close(loss, o_loss, rtol=rtol, atol=atol, name="loss")
-    assert set(metrics) == set(METRICS)
-    for k in METRICS:
-        assert metrics[k].shape == o_metrics[k].shape, k
-        assert not metrics[k].requires_grad, k
-        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol, name=k)
-    for k in grad_keys:
-        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=1e-4, name=f"d{k}")
-    return loss, metrics, grads
+def compare(batch, grad_keys, impl, *, seed=0, rtol=2e-4, atol=2e-5, **kw):
+    return compare_with_oracle(tdpo_loss, oracle_tdpo, METRICS, batch, grad_keys, impl, cotangent_seed=seed + 99, rtol=rtol,
+                               atol=atol, **kw)
 
 
 @pytest.mark.parametrize("impl", ["torch", "naive"])

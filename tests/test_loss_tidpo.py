@@ -11,8 +11,8 @@ import torch
 from preference_oracle import (
     SHAPES,
     TINY_SHAPES,
-    TRITON_DEVICE,
     assert_close,
+    compare_with_oracle,
     make_batch,
     make_targets,
     oracle_importance,
@@ -51,19 +51,8 @@ def with_extras(batch, *, seed, weights=True, anchor_T=None):
 
 
 def compare(batch, grad_keys, impl, *, seed=0, rtol=2e-4, atol=2e-5, **kw):
-    g = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(seed + 7)).item()
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
-    loss, metrics, grads = run_loss(tidpo_loss, batch, grad_keys, g, impl=impl, device=device, **kw)
-    o_loss, o_metrics, o_grads = run_loss(oracle_tidpo, batch, grad_keys, g, dtype=torch.float64, **kw)
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert_close(loss, o_loss, rtol=rtol, atol=atol, name="loss")
-    assert set(metrics) == set(METRICS)
-    for k in METRICS:
-        assert not metrics[k].requires_grad, k
-        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol, name=k)
-    for k in grad_keys:
-        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=1e-4, name=f"d{k}")
-    return loss, metrics, grads
+    return compare_with_oracle(tidpo_loss, oracle_tidpo, METRICS, batch, grad_keys, impl, cotangent_seed=seed + 7, rtol=rtol,
+                               atol=atol, **kw)
 
 
 @pytest.mark.parametrize("impl", ["torch", "naive"])
