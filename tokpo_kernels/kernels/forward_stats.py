@@ -157,6 +157,21 @@ def _autotuned_forward(dtype: torch.dtype):
     return triton.autotune(configs=configs, key=["V", "D", "D_REF", "J"])(_forward_stats_kernel)
 
 
+def _rebase(m: torch.Tensor, s: torch.Tensor):
+    """One distribution's per-split ``(m_s, s_s)`` on the global max ``M``: returns the weights
+    ``exp(m_s − M)``, the shifts ``M − m_s``, ``Σ w_s s_s``, its log and ``lse = M + log Σ w_s s_s``."""
+    # A row with no finite logit at all (a fully masked vocabulary shard) keeps lse = -inf.
+    big = max_shift(m.max(0).values)
+    wgt = torch.exp(m - big)
+    # An empty split (possible with autotuned blocks) has m = -inf and s = 0: its shift M − m = inf
+    # must not meet s = 0. Key on emptiness, not on a vanishing weight: a split whose policy max is
+    # far below M still carries reference mass in the KL term.
+    shift = torch.where(s > 0, big - m, torch.zeros_like(m))
+    total = (wgt * s).sum(0)
+    log_total = torch.log(total)
+    return wgt, shift, total, log_total, big + log_total
+
+
 def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_entropy: bool):
     """Merge per-split accumulators into ``(lse, ref_lse, kl, entropy)`` (``None`` when absent).
 
@@ -167,29 +182,15 @@ def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_
 
     which re-bases each split's terms on the global maxima (same algebra as the in-kernel update).
     """
-    m, s = partials[_M], partials[_S]
-    # A row with no finite logit at all (a fully masked vocabulary shard) keeps lse = -inf.
-    big_m = max_shift(m.max(0).values)
-    wgt = torch.exp(m - big_m)
-    # An empty split (possible with autotuned blocks) has m = -inf and s = 0: its shift M − m = inf
-    # must not meet s = 0. Key on emptiness, not on a vanishing weight: a split whose policy max is
-    # far below M still carries reference mass in the KL term.
-    shift = torch.where(s > 0, big_m - m, torch.zeros_like(m))
-    s_tot = (wgt * s).sum(0)
-    log_s = torch.log(s_tot)
-    lse = big_m + log_s
+    s = partials[_S]
+    wgt, shift, s_tot, log_s, lse = _rebase(partials[_M], s)
     entropy = ref_lse = kl = None
     if need_entropy:
         e_tot = (wgt * (partials[_E] - shift * s)).sum(0)
         entropy = log_s - e_tot / s_tot
     if has_ref:
-        mr, sr = partials[_MR], partials[_SR]
-        big_mr = max_shift(mr.max(0).values)
-        alpha = torch.exp(mr - big_mr)
-        shift_r = torch.where(sr > 0, big_mr - mr, torch.zeros_like(mr))
-        sr_tot = (alpha * sr).sum(0)
-        log_sr = torch.log(sr_tot)
-        ref_lse = big_mr + log_sr
+        sr = partials[_SR]
+        alpha, shift_r, sr_tot, log_sr, ref_lse = _rebase(partials[_MR], sr)
         if need_kl:
             a_tot = (alpha * (partials[_A] + sr * (shift - shift_r))).sum(0)
             # Rounding can leave a tiny negative where KL is 0 mathematically; KL >= 0 by definition.
