@@ -513,6 +513,48 @@ def fsdp2_head_with_any_reference(rank: int, world: int) -> None:
     assert w.grad is not None and w.grad.dtype == torch.float32, "the cast head's gradient reaches the fp32 shard"
 
 
+@check
+def fsdp2_tlpo_group_loss(rank: int, world: int) -> None:
+    """The TLPO pipeline's loss on an FSDP2 model whose lm-head is its own unit: the head's gradient
+    is the mean over ranks of each rank's single-process gradient (each rank has its own groups)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokpo_kernels.integrations.tlpo_trainer import tlpo_group_loss
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                         tie_word_embeddings=False)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config)
+
+    gen = torch.Generator().manual_seed(30 + rank)  # every rank has its own groups
+    g, width, k = 3, 5, 4
+    batch = {
+        "input_ids": torch.randint(0, VOCAB, (g, width), generator=gen),
+        "attention_mask": torch.ones(g, width, dtype=torch.long),
+        "positions": torch.tensor([4, 2, 3]),
+        "candidates": torch.randint(0, VOCAB, (g, k), generator=gen),
+        "advantages": torch.randn(g, k, generator=gen),
+    }
+    batch["candidates"][1, 3] = -100
+    batch["advantages"][1, 3] = 0.0
+    ref = build().eval().requires_grad_(False)  # a plain (unwrapped) frozen reference
+    plain = build()
+    tlpo_group_loss(plain, ref, batch, kl_beta=0.04).loss.backward()
+    expected = plain.lm_head.weight.grad.clone()
+    dist.all_reduce(expected, op=dist.ReduceOp.AVG)
+    sharded = build()
+    fully_shard(sharded.lm_head)
+    fully_shard(sharded)
+    out = tlpo_group_loss(sharded, ref, batch, kl_beta=0.04)
+    out.loss.backward()
+    assert type(sharded.lm_head.weight).__name__ == "DTensor", "expected the head resharded after forward"
+    assert_close(sharded.lm_head.weight.grad.full_tensor(), expected, name="grad lm_head", **TOL)
+
+
 def main() -> None:
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)

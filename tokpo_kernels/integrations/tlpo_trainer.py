@@ -17,19 +17,20 @@ first pass so the ratio clip is real); :class:`TLPOTrainer` (a ``transformers.Tr
 on the fly from on-policy samples of each prompt batch and keeps a frozen reference copy of the policy,
 refreshed (re-copied from the policy) at the start of every epoch.
 
-Sharded models: the reference's lm-head and the exploration's next-token probabilities go through
-``gathered_lm_head`` (no-grad use, any sharding ``hf_hidden`` supports); the *policy's* lm-head in the
-loss is used as a plain parameter or an FSDP2 ``DTensor`` (``full_tensor()``, differentiable). Training
-a ZeRO-3 / FSDP1-sharded policy head through this loss is not supported (untested).
+Sharded models: both lm-heads in the loss and the exploration's next-token probabilities go
+through ``gathered_lm_head``. The policy's head is a plain parameter or an FSDP2 ``DTensor``
+(gathered differentiably, its gradient averaged over the mesh as FSDP2 does). Training a ZeRO-3 /
+FSDP1-sharded policy head through this loss is not supported (untested).
 
 ``transformers`` is imported only when :class:`TLPOTrainer` is first accessed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -110,24 +111,23 @@ def tlpo_group_loss(
     device = next(policy.parameters()).device
     batch = groups if isinstance(groups, dict) else collate_groups(groups, pad_id=pad_id,
                                                                     ignore_index=ignore_index, device=device)
-    head = lm_head_params(policy)
-    weight = head.weight.full_tensor() if hasattr(head.weight, "full_tensor") else head.weight  # FSDP2 DTensor
     hidden = _rows(policy, batch)
-    if ref is None:
+    ref_kw: Dict[str, Optional[torch.Tensor]] = {}
+    ref_ctx: ContextManager = contextlib.nullcontext()
+    if ref is not None:
+        with torch.no_grad():
+            ref_kw["ref_hidden"] = _rows(ref, batch)
+        # The reference only enters the (no-grad) forward statistics, computed inside this call, so
+        # its possibly sharded lm-head is gathered just for it.
+        ref_ctx = gathered_lm_head(ref)
+    # The policy's head is gathered like the TDPO/TI-DPO trainers' (an FSDP2 DTensor with its
+    # gradient averaged over the mesh); a bare full_tensor() would keep each rank's own gradient.
+    with gathered_lm_head(policy) as head, ref_ctx as ref_head:
+        if ref_head is not None:
+            ref_kw["ref_weight"] = ref_head.weight.detach()
+            ref_kw["ref_bias"] = None if ref_head.bias is None else ref_head.bias.detach()
         return tlpo_loss(
-            hidden, weight, batch["candidates"], batch["advantages"],
-            old_logp=old_logp, kl_beta=kl_beta, eps_low=eps_low, eps_high=eps_high,
-            ignore_index=ignore_index, impl=impl, **head.loss_kwargs(),
-        )
-    with torch.no_grad():
-        ref_hidden = _rows(ref, batch)
-    # The reference only enters the (no-grad) forward statistics, computed inside this call, so its
-    # possibly sharded lm-head is gathered just for it.
-    with gathered_lm_head(ref) as ref_head:
-        ref_kw = {"ref_hidden": ref_hidden, "ref_weight": ref_head.weight.detach(),
-                  "ref_bias": None if ref_head.bias is None else ref_head.bias.detach()}
-        return tlpo_loss(
-            hidden, weight, batch["candidates"], batch["advantages"], **ref_kw,
+            hidden, head.weight, batch["candidates"], batch["advantages"], **ref_kw,
             old_logp=old_logp, kl_beta=kl_beta, eps_low=eps_low, eps_high=eps_high,
             ignore_index=ignore_index, impl=impl, **head.loss_kwargs(),
         )
