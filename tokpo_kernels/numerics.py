@@ -17,6 +17,12 @@ from typing import Optional
 import torch
 
 
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated and returned in: fp32 for fp32/bf16/fp16 inputs; fp64
+    inputs keep fp64 (oracle precision)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def max_shift(m: torch.Tensor) -> torch.Tensor:
     """The shift for a row maximum ``m``: ``m`` itself, or 0 where ``m = −inf`` (a row with no finite
     logit, e.g. a fully masked vocabulary shard), so that ``z − shift`` never forms ``−inf − (−inf)``

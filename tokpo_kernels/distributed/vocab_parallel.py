@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from tokpo_kernels._types import RawStats
 from tokpo_kernels._validation import fail_if
+from tokpo_kernels.numerics import accum_dtype
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ def comm_bytes(
     ``dtype`` is the inputs' dtype: statistics and ``∂hidden`` travel in the accumulation dtype,
     fp32 for fp32/bf16/fp16 inputs (``c = 4`` bytes) and fp64 for fp64 inputs (``c = 8``).
     """
-    c = torch.promote_types(dtype, torch.float32).itemsize
+    c = accum_dtype(dtype).itemsize
     r = int(reference)
     forward = 8 * world * (3 + r) + c * n * (1 + r) + c * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
     return forward + (c * n * d if backward else 0)

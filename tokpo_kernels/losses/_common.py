@@ -12,16 +12,11 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from tokpo_kernels._validation import check_tensor  # one copy of the check; the losses import it from here too
+
 # ---------------------------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------------------------
-
-
-def check_tensor(name: str, value: Any) -> torch.Tensor:
-    """``value`` must be a tensor; returns it."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    return value
 
 
 def check_float_tensor(name: str, value: Any) -> torch.Tensor:

@@ -24,6 +24,7 @@ from tokpo_kernels.losses._common import (
     check_tensor,
     detached_metrics,
     masked_count,
+    masked_mean,
     masked_sum,
 )
 
@@ -194,7 +195,7 @@ def ppo_loss(
     count = masked_count(mask, None, dt)
     denom = count.clamp_min(1.0)
     if loss_type == "grpo":
-        per_seq = masked_sum(per_token, mask, -1) / masked_count(mask, -1, dt).clamp_min(1.0)
+        per_seq = masked_mean(per_token, mask, -1)
         loss = per_seq.sum() / max(b, 1)
     elif loss_type == "dapo":
         loss = masked_sum(per_token, mask, None) / denom

@@ -36,6 +36,7 @@ from tokpo_kernels.distributed.vocab_parallel import (
     combine_across_ranks,
     localize_targets,
 )
+from tokpo_kernels.numerics import accum_dtype
 from tokpo_kernels.ops.params import StatsParams, resolve_filter_eps
 from tokpo_kernels.reference.naive import naive_vocab_stats
 from tokpo_kernels.torch_impl.chunked import chunked_backward, chunked_forward
@@ -52,11 +53,6 @@ def _backend(impl: str):
 
         return triton_forward, triton_backward
     raise ValueError(f"no fused backend for impl={impl!r}")
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 results for fp32/bf16/fp16 inputs; fp64 inputs keep fp64 (oracle precision)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _absent(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -91,7 +87,7 @@ def vocab_stats_forward(
     raw: RawStats = fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, owned, row_valid, params)
     if group_name:
         raw = combine_across_ranks(raw, owned, row_valid, group_name)
-    dt = _out_dtype(hidden.dtype)
+    dt = accum_dtype(hidden.dtype)
     zero = torch.zeros((), dtype=dt, device=hidden.device)
     lse = torch.where(row_valid, raw.lse.to(dt), zero)
     logp = torch.where(tvalid, raw.tgt_logit.to(dt) - lse[:, None], zero)
@@ -108,7 +104,7 @@ def vocab_stats_forward(
 def _forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, tvalid,
                   temperature, softcap, kl, entropy, filter_eps, impl, group_name):
     n, j = ids.shape
-    dt = _out_dtype(hidden.dtype)
+    dt = accum_dtype(hidden.dtype)
     new = lambda *shape: hidden.new_empty(shape, dtype=dt)  # noqa: E731
     gap = lambda: _absent(hidden, dt)  # noqa: E731
     has_ref = ref_hidden is not None
@@ -246,4 +242,4 @@ def vocab_stats_2d(
 
 
 def _opt(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else x.to(_out_dtype(x.dtype))
+    return None if x is None else x.to(accum_dtype(x.dtype))

@@ -13,13 +13,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from tokpo_kernels.numerics import transform_logits
+from tokpo_kernels.numerics import accum_dtype, transform_logits
 from tokpo_kernels.ops.params import StatsParams
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], params: StatsParams) -> torch.Tensor:
     raw = F.linear(h, w, b)
-    raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
+    raw = raw.to(accum_dtype(raw.dtype))
     return transform_logits(raw, params.temperature, params.softcap)
 
 

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from tokpo_kernels._types import RawStats, StatGrads
-from tokpo_kernels.numerics import max_shift, transform_grad_, transform_logits
+from tokpo_kernels.numerics import accum_dtype, max_shift, transform_grad_, transform_logits
 from tokpo_kernels.ops.params import StatsParams
 
 # Logit elements per chunk: 2**23 fp32 = 32 MiB per (chunk, V) tile, at most three alive (~96 MiB).
@@ -39,11 +39,6 @@ CHUNK_ELEMENTS = 1 << 23
 
 def rows_per_chunk(vocab: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half types (accumulate in fp32), fp64 stays fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -103,7 +98,7 @@ def _up(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]
 
 def chunked_forward(h, w, b, rh, rw, rb, targets, tvalid, row_valid, params: StatsParams) -> RawStats:
     n, j = targets.shape
-    cd = compute_dtype(h.dtype)
+    cd = accum_dtype(h.dtype)
     dev = h.device
     c = _Compact(row_valid, targets, tvalid, cd)
     w_c, b_c = w.to(cd), _up(b, cd)
@@ -159,7 +154,7 @@ def chunked_backward(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Returns ``(∂hidden, ∂weight, ∂bias)`` in the compute dtype (``None`` where ``needs`` says no)."""
     need_dh, need_dw, need_db = needs
-    cd = compute_dtype(h.dtype)
+    cd = accum_dtype(h.dtype)
     c = _Compact(row_valid, targets, tvalid, cd)
     w_c, b_c = w.to(cd), _up(b, cd)
     use_q = grads.g_kl is not None
