@@ -1,4 +1,4 @@
-"""Benchmarks of tokpo_kernels against its peers (DESIGN.md "Benchmarks"; bench/README.md).
+"""Benchmarks of tokpo_kernels against its peers (``bench/README.md``).
 
 Front ends over one registry of operations, implementations and cases:
 

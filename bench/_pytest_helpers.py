@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Sequence
 import pytest
 import torch
 
+from bench.ops._common import interpreted_impls
 from bench.registry import DTYPES, Case, Unavailable, get_operation
 from bench.runner import spawn_worker
 from bench.tiers import GPU_ONLY, cases, tier_device, tiny_cases
@@ -95,19 +96,25 @@ def run_benchmark(benchmark: Any, bench_env: Dict[str, Any], case: Case, impl_na
 
 
 def run_interpreted(case: Case, record_property: Any) -> None:
-    """Run the Triton impl of a tiny case under ``TRITON_INTERPRET=1`` in a fresh process (the
-    variable is read when Triton kernels are defined, so it cannot be switched on in this one) and
-    check its result against the naive impl. Its time is recorded but means little: the
-    interpreter executes kernels op by op in NumPy."""
-    spec = {"op": case.op, "impl": "triton", "shape": case.shape.to_dict(), "dtype": case.dtype, "device": "cpu",
-            "reps": 2, "warmup": 1, "mode": "time"}
-    res = spawn_worker(spec, INTERPRETER_TIMEOUT_S, {"TRITON_INTERPRET": "1"})
-    assert res["status"] == "ok", f"interpreted Triton failed: {res.get('reason')}\n{res.get('traceback', '')}"
-    naive = get_operation(case.op).impls["naive"].build(case.shape, DTYPES[case.dtype], torch.device("cpu"))
-    expected = naive.summary(naive.fwd())
-    for key, value in expected.items():
-        assert res["summary"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-    record_property("interpreted_fwd_bwd_ms", res["fwd_bwd_ms"])
+    """Run every impl that needs the Triton interpreter on CPU (``interpreted_impls``) on a tiny
+    case under ``TRITON_INTERPRET=1`` in a fresh process (the variable is read when Triton kernels
+    are defined, so it cannot be switched on in this one) and check its result against the
+    operation's baseline impl. Its time is recorded but means little: the interpreter executes
+    kernels op by op in NumPy."""
+    impls = interpreted_impls()
+    if not impls:
+        pytest.skip("no registered backend runs in the Triton interpreter here (is triton installed?)")
+    op = get_operation(case.op)
+    base = op.impls[op.baseline].build(case.shape, DTYPES[case.dtype], torch.device("cpu"))
+    expected = base.summary(base.fwd())
+    for impl in impls:
+        spec = {"op": case.op, "impl": impl, "shape": case.shape.to_dict(), "dtype": case.dtype, "device": "cpu",
+                "reps": 2, "warmup": 1, "mode": "time"}
+        res = spawn_worker(spec, INTERPRETER_TIMEOUT_S, {"TRITON_INTERPRET": "1"})
+        assert res["status"] == "ok", f"interpreted {impl} failed: {res.get('reason')}\n{res.get('traceback', '')}"
+        for key, value in expected.items():
+            assert res["summary"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), f"{impl} {key}"
+        record_property(f"interpreted_{impl}_fwd_bwd_ms", res["fwd_bwd_ms"])
 
 
 # The two tests every ``test_bench_<op>.py`` module runs: a module imports them and declares its

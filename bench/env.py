@@ -115,5 +115,5 @@ class CpuContention:
         end = self._sample()
         if self._start is None or end is None:
             return None
-        busy, own, wall = (e - s for e, s in zip(end, self._start))
+        busy, own, wall = (e - s for e, s in zip(end, self._start, strict=True))
         return max(0.0, busy - own) / wall if wall > 0 else None

@@ -1,4 +1,4 @@
-"""The FLOP model of DESIGN.md "Performance model", one function for every operation.
+"""The performance model: the FLOPs of every benchmarked operation, one function each.
 
 Matmul FLOPs of one training step over N valid (non-ignored) tokens, hidden size D, vocabulary V
 (one N×D by D×V product = 2NDV):
@@ -11,8 +11,8 @@ Matmul FLOPs of one training step over N valid (non-ignored) tokens, hidden size
 So 8NDV without a streamed reference (cross-entropy; DPO/TLPO/PPO with precomputed reference
 log-probs), 10NDV with a streamed reference but no full-vocabulary KL (DPO from the reference's
 hidden states, as Liger's chunked DPO computes it), 12NDV with a full-vocabulary KL (TDPO, TI-DPO,
-``vocab_stats_kl``). DESIGN.md's summary line ("8NDV for CE/DPO/TLPO-style losses") is the first
-case; each operation file says which case it is and why.
+``vocab_stats_kl``). The usual "8NDV for CE/DPO/TLPO-style losses" is the first case; each
+operation file says which case it is and why.
 
 The same model is used for every implementation of an operation, so TFLOP/s reads as "model
 FLOPs per second", i.e. inverse time: an implementation that skips work (Cut Cross-Entropy's

@@ -4,7 +4,7 @@ Why not plain ``randn``: with ``h ~ N(0, 1)`` and ``W ~ N(0, 1/D)`` the logits h
 and the softmax over 32k-256k ids is almost uniform (entropy ~ log V ~ 10-12 nats). Real heads put
 most mass on a few ids (entropy of a few nats). Speed is nearly independent of the values, but an
 implementation that exploits sparsity (skipping backward tiles whose ``|dz|`` is below the dtype's
-resolution, DESIGN.md) would look far better or worse on unrealistic inputs, and a near-uniform
+resolution, ``filter_eps``: docs/numerics.md) would look far better or worse on unrealistic inputs, and a near-uniform
 softmax hides numerical trouble. So the weight scale is calibrated, by bisection on a sample of
 rows, to a target mean entropy, and the entropy actually obtained is measured and reported.
 

@@ -14,6 +14,7 @@ implementation cannot run here; the runner turns that into an "unavailable: reas
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -112,8 +113,10 @@ class Impl:
     ``requires`` lists importable modules (a peer's package): when one is missing the row reads
     "not installed: <module>" without starting a worker. ``devices`` lists the device types it can
     run on (Triton kernels: CUDA only): elsewhere the row reads "unavailable: needs CUDA ..." at
-    once, again without a worker. ``note`` says what exactly the impl computes and how it is
-    configured (printed under the table and stored in the JSON).
+    once, again without a worker. ``unavailable(device)``, when given, is asked after ``devices``
+    and returns why it cannot run there or None (this library's impls pass their backend
+    registry's check). ``note`` says what exactly the impl computes and how it is configured
+    (printed under the table and stored in the JSON).
     """
 
     name: str
@@ -122,6 +125,7 @@ class Impl:
     devices: Tuple[str, ...] = ("cpu", "cuda")
     note: str = ""
     device_note: str = ""  # why it is limited to ``devices`` (e.g. "Triton kernels")
+    unavailable: Optional[Callable[[torch.device], Optional[str]]] = None
 
     def missing(self) -> Optional[str]:
         for mod in self.requires:
@@ -135,10 +139,10 @@ class Impl:
     def unavailable_on(self, device: str) -> Optional[str]:
         """Why this impl cannot run on ``device`` ("cpu", "cuda:0", ...), or None."""
         kind = torch.device(device).type
-        if kind in self.devices:
-            return None
-        why = f"needs {' or '.join(d.upper() for d in self.devices)}"
-        return f"{why}: {self.device_note}" if self.device_note else why
+        if kind not in self.devices:
+            why = f"needs {' or '.join(d.upper() for d in self.devices)}"
+            return f"{why}: {self.device_note}" if self.device_note else why
+        return None if self.unavailable is None else self.unavailable(torch.device(device))
 
 
 @dataclass
@@ -180,8 +184,8 @@ def register_impl(op_name: str, impl: Impl) -> None:
 
 def _load_all() -> None:
     # Importing the packages runs every op/peer file's registration exactly once.
-    import bench.ops  # noqa: F401
-    import bench.peers  # noqa: F401
+    importlib.import_module("bench.ops")
+    importlib.import_module("bench.peers")
 
 
 def get_operation(name: str) -> Operation:

@@ -96,7 +96,7 @@ def notes(measurements: Sequence[Dict[str, Any]]) -> List[str]:
         out.append(f"{op.name}: {op.description}")
     impl_notes = OrderedDict(((m["op"], m["impl"]), m.get("note")) for m in measurements if m.get("note"))
     seen = set()
-    for (op_name, impl), note in impl_notes.items():
+    for (_op, impl), note in impl_notes.items():
         if (impl, note) not in seen:  # the library's impls have one note for every operation
             seen.add((impl, note))
             out.append(f"{impl}: {note}")
@@ -182,7 +182,7 @@ def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -
         return "no successful measurement to plot"
 
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    for (ax_t, ax_m), ((op, dim, vocab, dtype, label), rows) in zip(axes, groups.items()):
+    for (ax_t, ax_m), ((op, dim, vocab, dtype, label), rows) in zip(axes, groups.items(), strict=True):
         impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
         ns = sorted({r["shape"]["valid_tokens"] for r in rows})
         for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median, p20-p80)"), (ax_m, "peak extra memory, MiB")):

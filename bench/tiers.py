@@ -4,15 +4,25 @@ acceptance checks the quick tier reports."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from bench.registry import Case, Shape
+from bench.registry import Case, Shape, operations
 
-# Every operation, in table order.
-OPS = ("vocab_stats_kl", "vocab_stats", "forward_kl", "linear_cross_entropy", "dpo_loss", "tdpo_loss",
-       "tidpo_loss", "tlpo_loss", "ppo_loss")
+# The table order of the operations that have one; an operation registered later (a new file in
+# bench/ops/) follows them in registration order, with no edit here.
+TABLE_ORDER = ("vocab_stats_kl", "vocab_stats", "forward_kl", "linear_cross_entropy", "dpo_loss", "tdpo_loss",
+               "tidpo_loss", "tlpo_loss", "ppo_loss")
+
+
+def _all_ops() -> Tuple[str, ...]:
+    registered = [op.name for op in operations()]
+    return tuple(n for n in TABLE_ORDER if n in registered) + tuple(n for n in registered if n not in TABLE_ORDER)
+
+
+# Every registered operation, in table order.
+OPS = _all_ops()
 PREFERENCE_OPS = ("dpo_loss", "tdpo_loss", "tidpo_loss")  # rows stack [chosen; rejected]: an even count
 TLPO_CANDIDATES = 16  # K of the TLPO reference configuration
 
@@ -50,7 +60,7 @@ CHECKS = (
 CPU_DIM, CPU_VOCAB, CPU_SEQ, CPU_PREFIX = 256, 32000, 64, 8
 CPU_ROWS = (4,)
 
-# Real lm-heads (DESIGN.md "Benchmarks").
+# Real lm-heads: (hidden size D, vocabulary V) of the models named.
 HEADS = {
     "llama3-8b": (4096, 128256),
     "qwen2.5-7b": (3584, 152064),

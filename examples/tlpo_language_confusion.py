@@ -15,7 +15,7 @@ Nothing is downloaded. The script
    fixed seed, the identical procedure before and after; ``confusion_t06_*`` repeats it at temperature
    0.6 — and the **held-out NLL** (mean per response token, EOS included) of clean Korean answers to
    those prompts;
-4. runs TLPO (METHODS.md §4): on training prompts, sample 8 responses per prompt at temperature 0.6 from
+4. runs TLPO (docs/methods.md §4): on training prompts, sample 8 responses per prompt at temperature 0.6 from
    the current policy, find each confusion point, explore the top-K candidates at the update position,
    continue each greedily for 3 tokens and label it ±1 with the checker, compute the advantages, and take
    a ``tk.tlpo_loss`` step on one hidden row per group with a frozen reference (refreshed every epoch) —
@@ -42,11 +42,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-from tokpo_kernels.integrations.tlpo_explore import build_groups, sample_responses  # noqa: E402
-from tokpo_kernels.integrations.tlpo_language import LanguageChecker  # noqa: E402
-from tokpo_kernels.integrations.tlpo_trainer import frozen_reference, tlpo_train_step  # noqa: E402
+from tokpo_kernels.integrations.tlpo_explore import build_groups, sample_responses
+from tokpo_kernels.integrations.tlpo_language import LanguageChecker
+from tokpo_kernels.integrations.tlpo_trainer import frozen_reference, tlpo_train_step
 
 # -------------------------------------------------------------------------------------------------
 # synthetic bilingual data

@@ -2,8 +2,11 @@
 
 The interpreter that runs the kernels in the other tests does not check code generation (layouts,
 tl.dot operand types, constexpr globals, shared-memory limits). ``tools/compile_for_cuda.py`` compiles
-every launcher variant ahead of time with the ptxas shipped in the triton wheel; a kernel that would
+the launcher variants ahead of time with the ptxas shipped in the triton wheel; a kernel that would
 fail to build on an H100 fails here instead.
+
+Both tests are marked ``slow`` (minutes on 2 cores): CI's plain ``python -m pytest`` runs them, and
+``-m "not slow"`` skips them in the inner loop.
 """
 
 import os
@@ -33,11 +36,14 @@ def _count_ok(stdout: str) -> int:
     return sum(line.startswith("ok ") for line in stdout.splitlines())
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
-    """The default config of every launcher variant (a representative flag subset), bf16 and fp32."""
+    """The default config of a representative subset of launcher variants (every combination of the
+    statistics flags, with all other features off and all on), bf16 and fp32."""
     assert _count_ok(_compile(tmp_path, "--dtypes", "bf16,fp32")) >= 40
 
 
+@pytest.mark.slow
 def test_autotune_space_compiles_and_fits_sm90_shared_memory(tmp_path):
     """Every TOKPO_AUTOTUNE candidate (bf16, all features on) builds and fits in 227 KiB of shared
     memory; the autotuner cannot be run without a GPU, so this is what keeps its space from rotting.

@@ -43,7 +43,7 @@ def test_filter_skips_negligible_tiles_only(target_in_low_tile, device, gen):
     h, w, b, rh, t = _inputs(gen, target_in_low_tile)
     s_exact, (dh0, dw0, db0) = _grads("triton", h, w, b, rh, t, None, device)
     s_filt, (dh1, dw1, db1) = _grads("triton", h, w, b, rh, t, 1e-6, device)
-    for a, c in zip((s_exact.logp, s_exact.lse, s_exact.kl), (s_filt.logp, s_filt.lse, s_filt.kl)):
+    for a, c in zip((s_exact.logp, s_exact.lse, s_exact.kl), (s_filt.logp, s_filt.lse, s_filt.kl), strict=True):
         assert torch.equal(a, c), "the filter must not change forward statistics"
     assert (db0[LOW:] != 0).any(), "construction: exact gradient has tiny non-zero entries there"
     skipped = db1[LOW:].reshape(-1)
@@ -60,14 +60,14 @@ def test_filter_skips_negligible_tiles_only(target_in_low_tile, device, gen):
 
 
 def test_filter_auto_is_bf16_resolution_and_torch_ignores_it(gen):
-    from tokpo_kernels.ops.params import resolve_filter_eps
+    from tokpo_kernels._types import resolve_filter_eps
 
     assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-7
     assert resolve_filter_eps(None, torch.bfloat16) is None
     h, w, b, rh, t = _inputs(gen, False)
     _, exact = _grads("torch", h, w, b, rh, t, None, "cpu")
     _, ignored = _grads("torch", h, w, b, rh, t, "auto", "cpu")
-    for a, c in zip(exact, ignored):
+    for a, c in zip(exact, ignored, strict=True):
         assert torch.equal(a, c)
 
 

@@ -205,7 +205,7 @@ def test_explore_candidates_shapes_rewards_advantages(tiny):
         assert torch.equal(ex["candidates"], top_i) and torch.allclose(ex["probs"], top_p)
         assert not ex["probs"].requires_grad
         assert set(ex["rewards"].tolist()) <= {-1.0, 1.0}
-        for r, snippet in zip(ex["rewards"].tolist(), ex["snippets"]):
+        for r, snippet in zip(ex["rewards"].tolist(), ex["snippets"], strict=True):
             assert (r < 0) == (checker(snippet) is not None)
         assert torch.allclose(ex["advantages"], tk.tlpo_advantages(ex["probs"], ex["rewards"]))
         adv = ex["advantages"]
@@ -266,7 +266,7 @@ def _fixed_groups(tok, model, prompts):
     prefixes = [p + tok("사과", add_special_tokens=False)["input_ids"] for p in prompts]
     ex = explore_candidates(model, tok, prefixes, [len(p) for p in prompts], checker, num_candidates=8)
     groups = []
-    for i, (p, e) in enumerate(zip(prefixes, ex)):
+    for i, (p, e) in enumerate(zip(prefixes, ex, strict=True)):
         rewards = e["rewards"].clone()
         rewards[0], rewards[1] = 1.0, -1.0  # make every group informative
         import tokpo_kernels as tk
@@ -347,7 +347,8 @@ def test_tlpo_trainer_smoke(tiny, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
                              learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
                              use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
-    trainer = TLPOTrainer(model=model, args=args, processing_class=tok, train_dataset=[{"input_ids": p} for p in prompts],
+    trainer = TLPOTrainer(model=model, args=args, processing_class=tok,
+                          train_dataset=[{"input_ids": p} for p in prompts],
                           target="ko", ignore_ascii=False, num_samples=4, sample_temperature=1.0, max_new_tokens=6,
                           num_candidates=8, continue_tokens=2)
     out = trainer.train()
@@ -377,7 +378,8 @@ def test_tlpo_trainer_step_without_groups(tiny, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
                              learning_rate=1e-2, weight_decay=0.0, report_to=[], save_strategy="no", use_cpu=True,
                              disable_tqdm=True)
-    trainer = TLPOTrainer(model=model, args=args, processing_class=tok, train_dataset=[{"input_ids": p} for p in prompts],
+    trainer = TLPOTrainer(model=model, args=args, processing_class=tok,
+                          train_dataset=[{"input_ids": p} for p in prompts],
                           target=everything, num_samples=2, max_new_tokens=4, num_candidates=4, continue_tokens=1)
     out = trainer.train()
     assert out.training_loss == 0.0

@@ -343,7 +343,7 @@ def test_generate_anchors_repacks_and_stops_at_eos() -> None:
     fake = _FakeGenerator([[20, 1, 21, 22], [23, 24, 25, 26]])
     a = generate_anchors(fake, [torch.tensor([3, 4, 5]), torch.tensor([7])], pad_token_id=PAD, eos_token_id=EOS,
                          max_new_tokens=4)
-    # left-padded prompts for generate, METHODS defaults passed through
+    # left-padded prompts for generate, docs/methods.md defaults passed through
     assert fake.seen["input_ids"].tolist() == [[3, 4, 5], [0, 0, 7]]
     assert fake.seen["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert (fake.seen["top_k"], fake.seen["top_p"], fake.seen["temperature"]) == (50, 0.95, 0.8)

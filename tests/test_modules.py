@@ -32,7 +32,7 @@ def test_pair_modules_match_functional(module, fn, opts):
     assert got.metrics.keys() == want.metrics.keys()
     g1 = torch.autograd.grad(got.loss, (h, w))
     g2 = torch.autograd.grad(want.loss, (h, w))
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         assert torch.equal(a, b)
 
 

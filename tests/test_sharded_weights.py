@@ -28,7 +28,8 @@ def _zero3(t: torch.Tensor, status: ZeroParamStatus) -> torch.nn.Parameter:
 
 def test_partitioned_zero3_weight_raises_with_what_to_do() -> None:
     h, w, y = torch.randn(3, 4), torch.randn(11, 4), torch.randint(0, 11, (3,))
-    with pytest.raises(ValueError, match=r"weight: expected a gathered DeepSpeed ZeRO-3 parameter.*NOT_AVAILABLE.*\(11, 4\)"):
+    expected = r"weight: expected a gathered DeepSpeed ZeRO-3 parameter.*NOT_AVAILABLE.*\(11, 4\)"
+    with pytest.raises(ValueError, match=expected):
         tk.linear_vocab_stats(h, _zero3(w, ZeroParamStatus.NOT_AVAILABLE), y, impl="torch")
     with pytest.raises(ValueError, match="ref_weight: expected a gathered"):
         tk.tdpo_loss(torch.randn(2, 3, 4), w, torch.randint(0, 11, (2, 3)), torch.randn(2, 3, 4),

@@ -117,7 +117,7 @@ def test_bad_input_raises_naming_expected_and_got(kw, exc, fragments) -> None:
     expect(exc, fragments, lambda: call(kw))
 
 
-@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.impls("cpu")
 def test_validation_is_independent_of_impl(impl: str) -> None:
     """Validation happens once at the public boundary, whichever implementation is asked for."""
     expect(ValueError, [f"[0, {V})", f"{V}"], lambda: call(inputs(targets=torch.tensor([1, 2, V, 3]), impl=impl)))

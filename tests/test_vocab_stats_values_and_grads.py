@@ -1,6 +1,7 @@
 """Values and gradients of ``linear_vocab_stats`` against the independent float64 oracle.
 
-Every implementation ("torch", "naive", "triton") runs on the same curated cases. Gradients are of
+Every registered implementation (``impl`` comes from the registry, tests/conftest.py) runs on the
+same curated cases. Gradients are of
 ``Σ_s Σ cotangent_s · s`` over all differentiable statistics with random cotangents (also on ignored
 entries, which must not leak), w.r.t. hidden, weight and bias. Triton runs on CUDA when present,
 otherwise on CPU under ``TRITON_INTERPRET=1`` (set in conftest), so shapes stay tiny here:
@@ -15,19 +16,17 @@ Gradient tolerances are normwise: 1e-4 · max(1, max|expected|).
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import pytest
 import torch
 
-import oracle as O
 import tokpo_kernels as tk
-from oracle import Case
+from oracle import stats as O
+from oracle.compare import assert_close, atol_scaled
+from oracle.stats import Case, assert_stats_match
 
 F32_EPS = torch.finfo(torch.float32).eps
-IMPLS = ["torch", "naive", "triton"]
-FUSED_IMPLS = ["torch", "triton"]  # the ones that are not the bf16 reference themselves
 
 
 
@@ -111,7 +110,8 @@ def check_structure(res: O.Result, leaves, prep, opts: Dict, out_dtype: torch.dt
     assert (v["ref_logp"] is not None) == has_ref
     assert (v["kl"] is not None) == bool(opts.get("kl"))
     assert (v["entropy"] is not None) == bool(opts.get("entropy"))
-    assert v["logp"].shape == targets.shape, f"logp: expected shape {tuple(targets.shape)}, got {tuple(v['logp'].shape)}"
+    got_shape = tuple(v["logp"].shape)
+    assert got_shape == targets.shape, f"logp: expected shape {tuple(targets.shape)}, got {got_shape}"
     assert v["mask"].dtype == torch.bool and v["mask"].shape == token_shape
     tvalid = targets != opts["ignore_index"]
     multi = targets.dim() == len(token_shape) + 1
@@ -141,24 +141,6 @@ def check_structure(res: O.Result, leaves, prep, opts: Dict, out_dtype: torch.dt
     assert (g_hidden[~row_valid] == 0).all(), "grad hidden: rows of fully ignored tokens must be exactly 0"
 
 
-def assert_matches_oracle(res: O.Result, ref: O.Result, *, vatol: float, vrtol: float = 1e-4,
-                          grtol: float = 1e-4, gatol: float = 1e-4) -> None:
-    for name in ("logp", "lse", "ref_logp", "kl", "entropy"):
-        a, e = res.values[name], ref.values[name]
-        assert (a is None) == (e is None), name
-        if a is None:
-            continue
-        torch.testing.assert_close(a.cpu().double(), e, rtol=vrtol, atol=vatol, msg=lambda m: f"{name}: {m}")
-    for name in O.GRAD_NAMES:
-        a, e = res.grads[name], ref.grads[name]
-        assert (a is None) == (e is None), name
-        if a is None:
-            continue
-        scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-        torch.testing.assert_close(a.cpu().double(), e, rtol=grtol, atol=gatol * scale,
-                                   msg=lambda m: f"grad {name}: {m}")
-
-
 def rel_err(a: Optional[torch.Tensor], e: Optional[torch.Tensor]) -> float:
     """max |a − e| / max(1, max |e|) (normwise)."""
     if e is None or e.numel() == 0:
@@ -171,7 +153,6 @@ def rel_err(a: Optional[torch.Tensor], e: Optional[torch.Tensor]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
 def test_fp32_values_and_grads(case: Case, impl: str, device: str, gen: torch.Generator) -> None:
     stored, prep, cot = build(case, gen)
@@ -179,8 +160,8 @@ def test_fp32_values_and_grads(case: Case, impl: str, device: str, gen: torch.Ge
     res = run_impl(stored, cot, prep, impl, device, torch.float32, opts)
     ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
     check_structure(res, stored, prep, opts, torch.float32)
-    zmax = _transformed_max(O.max_logit(res.leaves, prep), case.temperature, case.softcap)
-    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+    zmax = _transformed_max(O.max_abs_logit(res.leaves, prep), case.temperature, case.softcap)
+    assert_stats_match(res, ref, vatol=value_atol(zmax))
     if case.all_ignored:
         for name in ("logp", "lse", "ref_logp", "kl", "entropy"):
             assert (res.values[name] == 0).all(), f"{name}: all tokens ignored, expected all zeros"
@@ -189,7 +170,7 @@ def test_fp32_values_and_grads(case: Case, impl: str, device: str, gen: torch.Ge
         assert not res.values["mask"].any()
 
 
-@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.impls("cpu")
 @pytest.mark.parametrize("case", [
     pytest.param(Case(token_shape=(13,), V=37, D=24, bias=True, ref_bias=True, **FULL), id="v37-full"),
     pytest.param(Case(token_shape=(3, 4), V=45, D=12, J=3, softcap=3.0, temperature=0.8, scale=6.0, **FULL),
@@ -203,7 +184,7 @@ def test_fp64_inputs_match_oracle_tightly(case: Case, impl: str, gen: torch.Gene
     res = run_impl(stored, cot, prep, impl, "cpu", torch.float64, opts)
     ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
     check_structure(res, stored, prep, opts, torch.float64)
-    assert_matches_oracle(res, ref, vatol=1e-10, vrtol=1e-10, grtol=1e-10, gatol=1e-10)
+    assert_stats_match(res, ref, vatol=1e-10, vrtol=1e-10, grtol=1e-10, gatol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +192,6 @@ def test_fp64_inputs_match_oracle_tightly(case: Case, impl: str, gen: torch.Gene
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", [
     pytest.param(dict(), id="plain"),
     pytest.param(dict(temperature=3.0), id="temperature"),
@@ -229,11 +209,10 @@ def test_huge_logits_stay_finite_and_correct(impl: str, variant: Dict, device: s
     res = run_impl(leaves, cot, None, impl, device, torch.float32, opts)
     ref = O.oracle_result(res.leaves, cot, **opts)
     check_structure(res, leaves, lambda d: d, opts, torch.float32)
-    zmax = _transformed_max(O.max_logit(res.leaves), opts["temperature"], opts["softcap"])
-    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+    zmax = _transformed_max(O.max_abs_logit(res.leaves), opts["temperature"], opts["softcap"])
+    assert_stats_match(res, ref, vatol=value_atol(zmax))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", [
     # Reference logits with std 1000: q has entries below fp32's smallest denormal (and below fp64's
     # for the most negative ones); a log(softmax) KL would be NaN here.
@@ -256,11 +235,10 @@ def test_underflowing_probabilities_keep_kl_finite(case: Case, impl: str, device
     res = run_impl(stored, cot, prep, impl, device, torch.float32, opts)
     ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
     check_structure(res, stored, prep, opts, torch.float32)
-    zmax = _transformed_max(O.max_logit(res.leaves, prep), case.temperature, case.softcap)
-    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+    zmax = _transformed_max(O.max_abs_logit(res.leaves, prep), case.temperature, case.softcap)
+    assert_stats_match(res, ref, vatol=value_atol(zmax))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", [
     pytest.param("same-tensors", id="same-tensors"),
     # The same logits computed through a different matmul (reference D padded with zero columns and
@@ -273,7 +251,7 @@ def test_reference_equal_to_policy_gives_zero_kl(impl: str, mode: str, device: s
     h = torch.randn(n, D, generator=gen, dtype=torch.float64) * 2
     w = torch.randn(V, D, generator=gen, dtype=torch.float64)
     b = torch.randn(V, generator=gen, dtype=torch.float64)
-    targets = O.make_targets((n,), V, gen)
+    targets = O.random_targets((n,), V, gen)
     opts = dict(kl=True, entropy=True, ignore_index=-100, temperature=1.0, softcap=None)
     if mode == "same-tensors":
         rh, rw = h.clone(), w.clone()
@@ -290,10 +268,10 @@ def test_reference_equal_to_policy_gives_zero_kl(impl: str, mode: str, device: s
     kl = res.values["kl"]
     assert (kl >= 0).all(), f"kl: expected >= 0 exactly when reference == policy, got min {kl.min().item():.3e}"
     assert kl.max().item() <= 1e-5, f"kl: expected ~0 when reference == policy, got max {kl.max().item():.3e}"
-    torch.testing.assert_close(res.values["ref_logp"], res.values["logp"], rtol=1e-5, atol=1e-5)
+    assert_close(res.values["ref_logp"], res.values["logp"], rtol=1e-5, atol=1e-5, name="ref_logp vs logp")
     ref = O.oracle_result(res.leaves, cot, **opts)
     check_structure(res, leaves, lambda d: d, opts, torch.float32)
-    assert_matches_oracle(res, ref, vatol=1e-4)
+    assert_stats_match(res, ref, vatol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +293,7 @@ LOWP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", FUSED_IMPLS)
+@pytest.mark.impls("fused")
 @pytest.mark.parametrize("case,dtype", LOWP_CASES)
 def test_low_precision_three_way(case: Case, dtype: torch.dtype, impl: str, device: str,
                                  gen: torch.Generator) -> None:
@@ -375,7 +353,6 @@ def test_auto_picks_torch_on_cpu(gen: torch.Generator, monkeypatch: pytest.Monke
             assert torch.equal(g, torch_res.grads[name]), f"grad {name}: auto differs from torch"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_reference_receives_no_gradient(impl: str, device: str, gen: torch.Generator) -> None:
     case = Case(token_shape=(10,), V=37, D=16, D_ref=12, bias=True, ref_bias=True, **FULL)
     leaves = O.cast_leaves(O.make_leaves(case, gen), torch.float32, device)
@@ -396,7 +373,6 @@ def test_reference_receives_no_gradient(impl: str, device: str, gen: torch.Gener
         assert leaves[k].grad is not None and leaves[k].grad.abs().sum() > 0, f"{k}: expected a gradient"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 def test_partial_requires_grad_and_unused_stats(impl: str, device: str, gen: torch.Generator) -> None:
     """Only weight requires grad and only lse is used: the gradient still matches the oracle."""
     case = Case(token_shape=(9,), V=37, D=8, **FULL)
@@ -408,7 +384,7 @@ def test_partial_requires_grad_and_unused_stats(impl: str, device: str, gen: tor
     ref = O.values_and_grads(O.oracle_vocab_stats, O.to_oracle(leaves), cot, grad_names=("weight",), **case.opts())
     assert leaves["hidden"].grad is None
     g, e = res.grads["weight"], ref.grads["weight"]
-    torch.testing.assert_close(g.cpu().double(), e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))
+    assert_close(g, e, rtol=1e-4, atol=atol_scaled(1e-4, e), name="grad weight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +393,7 @@ def test_partial_requires_grad_and_unused_stats(impl: str, device: str, gen: tor
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.impls("fused")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gpu_realistic_shapes(impl: str, dtype: torch.dtype, gen: torch.Generator) -> None:
     case = Case(token_shape=(4, 65), V=32003, D=256, D_ref=192, J=2, bias=True, ref_bias=True,
@@ -428,11 +404,12 @@ def test_gpu_realistic_shapes(impl: str, dtype: torch.dtype, gen: torch.Generato
     ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
     check_structure(res, stored, prep, opts, torch.float32)
     if dtype == torch.float32:
-        assert_matches_oracle(res, ref, vatol=1e-4)
+        assert_stats_match(res, ref, vatol=1e-4)
         return
     base = run_impl(stored, cot, prep, "naive", "cuda", dtype, opts)
     for name in ("logp", "lse", "ref_logp", "kl", "entropy"):
-        assert rel_err(res.values[name], ref.values[name]) <= rel_err(base.values[name], ref.values[name]) + SLACK[dtype]
+        e_base = rel_err(base.values[name], ref.values[name])
+        assert rel_err(res.values[name], ref.values[name]) <= e_base + SLACK[dtype]
     for name in O.GRAD_NAMES:
         assert rel_err(res.grads[name], ref.grads[name]) <= rel_err(base.grads[name], ref.grads[name]) + SLACK[dtype]
 
@@ -450,7 +427,6 @@ def test_auto_picks_triton_on_cuda(gen: torch.Generator, monkeypatch: pytest.Mon
     assert seen and set(seen) == {"triton"}, f"impl='auto' on CUDA: expected triton, got {seen}"
 
 
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("token_shape,J", [pytest.param((0,), None, id="n0"), pytest.param((2, 0), 3, id="b2-t0-j3")])
 def test_empty_token_batch(impl: str, token_shape, J, device: str, gen: torch.Generator) -> None:
     """No tokens at all: empty outputs of the right shapes, empty (not NaN) gradients."""
@@ -478,15 +454,16 @@ def test_empty_token_batch(impl: str, token_shape, J, device: str, gen: torch.Ge
 def test_triton_split_vocabulary_merge(case: Case, splits: int, device: str, gen: torch.Generator,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-split max / sum-exp / entropy / KL accumulators re-based on the global maxima must give
-    the single-pass statistics: forced splits exercise ``combine_partials`` under the interpreter."""
+    the single-pass statistics: forced splits exercise the split merge
+    (``partials.merge_local_stats``) under the interpreter."""
     monkeypatch.setenv("TOKPO_FORWARD_SPLITS", str(splits))
     stored, prep, cot = build(case, gen)
     opts = case.opts()
     res = run_impl(stored, cot, prep, "triton", device, torch.float32, opts)
     ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
     check_structure(res, stored, prep, opts, torch.float32)
-    zmax = _transformed_max(O.max_logit(res.leaves, prep), case.temperature, case.softcap)
-    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+    zmax = _transformed_max(O.max_abs_logit(res.leaves, prep), case.temperature, case.softcap)
+    assert_stats_match(res, ref, vatol=value_atol(zmax))
 
 
 @pytest.mark.parametrize("splits", [2, 4])
@@ -499,8 +476,8 @@ def test_triton_split_vocabulary_merge_huge_logits(splits: int, device: str, gen
     cot = O.make_cotangents(leaves["targets"], (leaves["hidden"].shape[0],), gen)
     res = run_impl(leaves, cot, None, "triton", device, torch.float32, opts)
     ref = O.oracle_result(res.leaves, cot, **opts)
-    zmax = _transformed_max(O.max_logit(res.leaves), 1.0, None)
-    assert_matches_oracle(res, ref, vatol=value_atol(zmax))
+    zmax = _transformed_max(O.max_abs_logit(res.leaves), 1.0, None)
+    assert_stats_match(res, ref, vatol=value_atol(zmax))
 
 
 def test_triton_split_vocabulary_merge_with_an_empty_split(device: str, gen: torch.Generator,
@@ -514,4 +491,4 @@ def test_triton_split_vocabulary_merge_with_an_empty_split(device: str, gen: tor
     res = run_impl(stored, cot, prep, "triton", device, torch.float32, opts)
     ref = O.oracle_result(res.leaves, cot, prep=prep, **opts)
     check_structure(res, stored, prep, opts, torch.float32)
-    assert_matches_oracle(res, ref, vatol=1e-4)
+    assert_stats_match(res, ref, vatol=1e-4)

@@ -21,11 +21,15 @@ import torch
 import torch.distributed as dist
 
 import tokpo_kernels as tk
+from oracle.compare import assert_close, atol_scaled
+from oracle.preference import make_batch
+from tokpo_kernels.backends import backend_entry, backend_names
 from tokpo_kernels.distributed import comm_bytes
-from preference_oracle import assert_close, make_batch
 
 # fp32 acceptance tolerance of the issue: vocabulary-parallel equals single-process to 1e-5.
-TOL = dict(rtol=1e-5, atol=1e-5)
+RTOL = ATOL = 1e-5
+# The backends that may run under a process_group, from the registry (Triton runs interpreted here).
+VOCAB_PARALLEL_IMPLS = tuple(n for n in backend_names() if backend_entry(n).vocab_parallel)
 # Uneven splits, so that V need not divide by the world size: V = 37.
 VOCAB = 37
 SPLITS = {2: [19, 18], 3: [5, 20, 12]}
@@ -34,6 +38,12 @@ CHECKS: Dict[str, Callable[[int, int], None]] = {}
 # Largest |vocabulary-parallel − single-process| / max(1, |single-process|) of the running check
 # (outputs and gradients of run_both), written beside each check's result for reporting.
 MAX_DIFF: List[float] = [0.0]
+
+
+def assert_parallel_close(got: torch.Tensor, want: torch.Tensor, *, name: str) -> None:
+    """Vocabulary-parallel ``got`` against single-process ``want``: within ``RTOL·|want|`` plus
+    ``ATOL`` scaled by ``max(1, max|want|)`` (``oracle.compare``)."""
+    assert_close(got, want, rtol=RTOL, atol=atol_scaled(ATOL, want), name=name)
 
 
 def check(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
@@ -98,20 +108,21 @@ def run_both(
         gen = torch.Generator().manual_seed(7)
         total = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs.values() if o.requires_grad)
         total.backward()
-        grads = {k: (dict(zip(positional, args)) | ins)[k].grad for k in grad_names}
+        grads = {k: (dict(zip(positional, args, strict=True)) | ins)[k].grad for k in grad_names}
         results.append((outs, grads))
     (full, full_g), (par, par_g) = results
     pairs = [(k, par[k], full[k]) for k in full]
     pairs += [(f"grad {k}", par_g[k], full_g[k][sl] if k in vocab_rows else full_g[k]) for k in grad_names]
     for name, got, want in pairs:
-        assert_close(got, want, name=name, **TOL)
+        assert_parallel_close(got, want, name=name)
         got, want = got.detach().double(), want.detach().double()
         scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
         MAX_DIFF[0] = max(MAX_DIFF[0], float((got - want).abs().max()) / scale if want.numel() else 0.0)
 
 
 def stats_outputs(s) -> Dict[str, torch.Tensor]:
-    return {k: getattr(s, k) for k in ("logp", "lse", "ref_logp", "kl", "entropy") if getattr(s, k) is not None}
+    names = ("logp", "lse", "ref_logp", "kl", "entropy", "max_logit", "mean_logit")
+    return {k: getattr(s, k) for k in names if getattr(s, k) is not None}
 
 
 def loss_outputs(out) -> Dict[str, torch.Tensor]:
@@ -155,12 +166,12 @@ def stats_torch(rank: int, world: int) -> None:
 
 @check
 def stats_torch_several_ids_softcap_temperature(rank: int, world: int) -> None:
-    _stats(rank, world, "torch", j=3, softcap=4.0, temperature=0.7)
+    _stats(rank, world, "torch", j=3, softcap=4.0, temperature=0.7, max_logit=True, mean_logit=True)
 
 
 @check
 def stats_triton_interpreted(rank: int, world: int) -> None:
-    _stats(rank, world, "triton", j=2)
+    _stats(rank, world, "triton", j=2, max_logit=True, mean_logit=True)
 
 
 @check
@@ -173,7 +184,7 @@ def stats_with_a_fully_masked_shard(rank: int, world: int) -> None:
     t["ref_bias"][last] = float("-inf")
     y = t["targets"]
     y[(y >= last.start) & (y < last.stop)] = 0  # no target in the masked rows
-    for impl in ("torch", "triton"):
+    for impl in VOCAB_PARALLEL_IMPLS:
         # Naive full logits would form 0·(−inf) in its entropy: the torch impl is the reference here
         # (itself checked against the head without masked rows in tests/test_masked_vocabulary.py).
         run_both(tk.linear_vocab_stats, t, ROWS, ("hidden", "weight", "bias"), stats_outputs, rank, world,
@@ -267,8 +278,8 @@ def compiled_tdpo_step(rank: int, world: int) -> None:
         loss = fn(*leaves)
         loss.backward()
         results.append([loss] + [x.grad for x in leaves])
-    for name, a, b in zip(("loss", "grad hidden", "grad weight", "grad bias"), results[1], results[0]):
-        assert_close(a, b, name=name, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(("loss", "grad hidden", "grad weight", "grad bias"), results[1], results[0], strict=True):
+        assert_close(a, b, rtol=1e-6, atol=atol_scaled(1e-6, b), name=name)
 
 
 @check
@@ -293,13 +304,14 @@ def bytes_communicated(rank: int, world: int) -> None:
         dist.all_reduce = counting
         for n in names:
             setattr(dist, n, forbidden)
-        configs = [  # (reference, kl, entropy, J, dtype, hidden needs a gradient)
-            (True, True, False, None, torch.float32, True),
-            (False, False, True, 3, torch.float32, True),
-            (True, True, True, 2, torch.float64, True),
-            (True, True, False, None, torch.float32, False),
+        configs = [  # (reference, kl, entropy, J, dtype, hidden needs a gradient, max_logit and mean_logit)
+            (True, True, False, None, torch.float32, True, False),
+            (False, False, True, 3, torch.float32, True, False),
+            (True, True, True, 2, torch.float64, True, False),
+            (True, True, False, None, torch.float32, False, False),
+            (False, False, False, 2, torch.float32, True, True),
         ]
-        for ref, kl, ent, j, dtype, dh in configs:
+        for ref, kl, ent, j, dtype, dh, extra in configs:
             t = {k: (v.to(dtype) if v.is_floating_point() else v)
                  for k, v in _stats_inputs(world, bias=False, j=j, n=9, d=5).items()}
             if not ref:
@@ -310,12 +322,13 @@ def bytes_communicated(rank: int, world: int) -> None:
             sent.clear()
             s = tk.linear_vocab_stats(h, w, t["targets"], impl="torch", kl=kl, entropy=ent,
                                       ref_hidden=t.get("ref_hidden"), process_group=dist.group.WORLD,
-                                      ref_weight=t["ref_weight"][sl] if ref else None)
+                                      ref_weight=t["ref_weight"][sl] if ref else None,
+                                      max_logit=extra, mean_logit=extra)
             fwd = sum(sent)
             (s.lse.sum() + s.logp.sum()).backward()
             n_rows = h.numel() // h.shape[-1]
             jj = 1 if j is None else j
-            spec = dict(reference=ref, kl=kl, entropy=ent, dtype=dtype)
+            spec = dict(reference=ref, kl=kl, entropy=ent, dtype=dtype, max_logit=extra, mean_logit=extra)
             expect_fwd = comm_bytes(n_rows, jj, h.shape[-1], world, backward=False, **spec)
             expect = comm_bytes(n_rows, jj, h.shape[-1], world, backward=dh, **spec)
             assert fwd == expect_fwd, f"forward sent {fwd} bytes, formula says {expect_fwd}"
@@ -390,9 +403,9 @@ def dtensor_tensor_parallel(rank: int, world: int) -> None:
     rwd = distribute_tensor(t["ref_weight"], mesh, [Shard(0)])
     par = tk.tdpo_loss(hd, wd, t["targets"], rhd, rwd, impl="torch")
     par.loss.backward()
-    assert_close(par.loss, full.loss, name="loss", **TOL)
-    assert_close(hd.grad.full_tensor(), h.grad, name="grad hidden", **TOL)
-    assert_close(wd.grad.full_tensor(), w.grad, name="grad weight", **TOL)
+    assert_parallel_close(par.loss, full.loss, name="loss")
+    assert_parallel_close(hd.grad.full_tensor(), h.grad, name="grad hidden")
+    assert_parallel_close(wd.grad.full_tensor(), w.grad, name="grad weight")
     # Layouts that cannot be used as they are raise with what to do.
     bad_layouts = (
         (distribute_tensor(t["weight"], mesh, [Shard(1)]), "Shard(0)"),
@@ -453,8 +466,8 @@ def fsdp2_sharded_head(rank: int, world: int) -> None:
     h = ours(x, logits=False)
     assert type(ours.head.weight).__name__ == "DTensor", "expected the head resharded after forward"
     tk.linear_cross_entropy(h, ours.head.weight, y, impl="torch").loss.backward()
-    for (name, a), (_, b) in zip(ours.named_parameters(), native.named_parameters()):
-        assert_close(a.grad.to_local(), b.grad.to_local(), name=f"grad {name}", **TOL)
+    for (name, a), (_, b) in zip(ours.named_parameters(), native.named_parameters(), strict=True):
+        assert_parallel_close(a.grad.to_local(), b.grad.to_local(), name=f"grad {name}")
 
 
 @check
@@ -492,13 +505,13 @@ def fsdp2_head_with_any_reference(rank: int, world: int) -> None:
         b = distribute_tensor(t["bias"], mesh, [Shard(0)]).requires_grad_()
         out = tk.tdpo_loss(hidden, w, targets, ref_hidden, rw, bias=b, ref_bias=rb, impl="torch")
         out.loss.backward()
-        assert_close(out.loss, expected_loss, name=f"{label}: loss", **TOL)
-        assert_close(w.grad.full_tensor(), expected_grads[0], name=f"{label}: grad weight", **TOL)
-        assert_close(b.grad.full_tensor(), expected_grads[1], name=f"{label}: grad bias", **TOL)
+        assert_parallel_close(out.loss, expected_loss, name=f"{label}: loss")
+        assert_parallel_close(w.grad.full_tensor(), expected_grads[0], name=f"{label}: grad weight")
+        assert_parallel_close(b.grad.full_tensor(), expected_grads[1], name=f"{label}: grad bias")
     # A plain policy head beside a sharded reference: the reference is gathered.
     out = tk.tdpo_loss(hidden, t["weight"], targets, ref_hidden, sharded_ref[0], bias=t["bias"],
                        ref_bias=sharded_ref[1], impl="torch")
-    assert_close(out.loss, expected_loss, name="plain policy, sharded reference: loss", **TOL)
+    assert_parallel_close(out.loss, expected_loss, name="plain policy, sharded reference: loss")
     # FSDP2 mixed precision casts the head only inside its module: the error says what to pass.
     w = distribute_tensor(t["weight"], mesh, [Shard(0)]).requires_grad_()
     try:
@@ -552,7 +565,7 @@ def fsdp2_tlpo_group_loss(rank: int, world: int) -> None:
     out = tlpo_group_loss(sharded, ref, batch, kl_beta=0.04)
     out.loss.backward()
     assert type(sharded.lm_head.weight).__name__ == "DTensor", "expected the head resharded after forward"
-    assert_close(sharded.lm_head.weight.grad.full_tensor(), expected, name="grad lm_head", **TOL)
+    assert_parallel_close(sharded.lm_head.weight.grad.full_tensor(), expected, name="grad lm_head")
 
 
 def main() -> None:
@@ -567,7 +580,7 @@ def main() -> None:
         try:
             CHECKS[name](rank, world)
             results[name] = {"error": None, "max_scaled_diff": MAX_DIFF[0]}
-        except Exception:  # noqa: BLE001  (reported back to the test)
+        except Exception:  # reported back to the test
             results[name] = {"error": traceback.format_exc()[-4000:], "max_scaled_diff": MAX_DIFF[0]}
         dist.barrier()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

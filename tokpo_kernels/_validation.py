@@ -1,16 +1,21 @@
 """Validation of user input at the public boundary: once, before any kernel, with errors that
-state what was expected and what was received."""
+state what was expected and what was received.
+
+One module for every check: the tensor/number checks used by ``linear_vocab_stats`` and by the
+losses, the losses' batch-layout checks, and the "which reference did the caller give" rule.
+Nothing here reads a tensor's values except ``check_target_range`` (see ``fail_if`` for when), so a
+loss validated with these helpers stays free of host synchronisation.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+import operator
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from tokpo_kernels._compat import HAS_TRITON, triton_interpreter_enabled
-
-IMPLS = ("auto", "triton", "torch", "naive")
+from tokpo_kernels.backends import backend_entry, resolve_impl
 
 
 def _shape(t: torch.Tensor) -> Tuple[int, ...]:
@@ -23,14 +28,20 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
-def check_float(name: str, t: torch.Tensor) -> None:
+def check_float_tensor(name: str, value: object) -> torch.Tensor:
+    """``value`` must be a floating-point tensor; returns it."""
+    t = check_tensor(name, value)
     if not t.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a floating-point tensor (float32/bfloat16/float16/float64), got {t.dtype}")
+        raise TypeError(
+            f"{name}: expected a floating-point tensor (float32/bfloat16/float16/float64), got dtype {t.dtype}"
+        )
+    return t
 
 
 def check_int(name: str, t: torch.Tensor) -> None:
+    """``t`` must hold integer token ids (not float, complex or bool)."""
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor of token ids (torch.long), got {t.dtype}")
+        raise TypeError(f"{name}: expected integer token ids (torch.long), got dtype {t.dtype}")
 
 
 def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:
@@ -43,15 +54,29 @@ def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> No
             )
 
 
-def check_positive(name: str, value: Optional[float], allow_none: bool) -> None:
-    if value is None:
-        if allow_none:
-            return
-        raise ValueError(f"{name}: expected a positive number, got None")
+def check_number(
+    name: str,
+    value: object,
+    *,
+    gt: Optional[float] = None,
+    ge: Optional[float] = None,
+    lt: Optional[float] = None,
+    le: Optional[float] = None,
+) -> float:
+    """``value`` must be a finite Python number within the given bounds; returns it as ``float``.
+
+    Tensors are rejected on purpose: a hyperparameter held in a tensor would need a host sync to
+    validate, and hyperparameters are runtime scalars in this library.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    v = float(value)
+    bounds = ((">", gt, operator.gt), (">=", ge, operator.ge), ("<", lt, operator.lt), ("<=", le, operator.le))
+    given = [(f"{sign} {bound:g}", holds(v, bound)) for sign, bound, holds in bounds if bound is not None]
+    if not (math.isfinite(v) and all(ok for _, ok in given)):
+        what = " and ".join(text for text, _ in given)
+        raise ValueError(f"{name}: expected a finite number{' ' + what if what else ''}, got {value!r}")
+    return v
 
 
 def fail_if(bad: torch.Tensor, message: str) -> None:
@@ -103,22 +128,6 @@ def check_reference_pair(ref_hidden: object, ref_weight: object, *, required_by:
     return given
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
-    if impl == "triton":
-        if not HAS_TRITON:
-            raise ValueError("impl='triton' needs the triton package, which is not importable; use impl='torch'")
-        if device.type != "cuda" and not triton_interpreter_enabled():
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}; "
-                "use impl='torch' on CPU"
-            )
-    return impl
-
-
 def validate_vocab_stats_inputs(
     hidden: object,
     weight: object,
@@ -149,8 +158,8 @@ def validate_vocab_stats_inputs(
     hidden = check_tensor("hidden", hidden)
     weight = check_tensor("weight", weight)
     targets = check_tensor("targets", targets)
-    check_float("hidden", hidden)
-    check_float("weight", weight)
+    check_float_tensor("hidden", hidden)
+    check_float_tensor("weight", weight)
     check_int("targets", targets)
     if hidden.dim() < 1:
         raise ValueError("hidden: expected shape (..., D), got a 0-d tensor")
@@ -182,16 +191,18 @@ def validate_vocab_stats_inputs(
         bias = check_tensor("bias", bias)
         if _shape(bias) != (vocab,):
             raise ValueError(f"bias: expected shape ({vocab},), got {_shape(bias)}")
-        check_float("bias", bias)
+        check_float_tensor("bias", bias)
 
     has_ref = check_reference_pair(ref_hidden, ref_weight)
     if has_ref:
         ref_hidden = check_tensor("ref_hidden", ref_hidden)
         ref_weight = check_tensor("ref_weight", ref_weight)
-        check_float("ref_hidden", ref_hidden)
-        check_float("ref_weight", ref_weight)
+        check_float_tensor("ref_hidden", ref_hidden)
+        check_float_tensor("ref_weight", ref_weight)
         if ref_weight.dim() != 2 or ref_weight.shape[0] != vocab:
-            raise ValueError(f"ref_weight: expected shape ({vocab}, D_ref) to match weight's V, got {_shape(ref_weight)}")
+            raise ValueError(
+                f"ref_weight: expected shape ({vocab}, D_ref) to match weight's V, got {_shape(ref_weight)}"
+            )
         if _shape(ref_hidden)[:-1] != token_shape or ref_hidden.dim() != hidden.dim():
             raise ValueError(
                 f"ref_hidden: expected token shape {token_shape} like hidden {_shape(hidden)}, got {_shape(ref_hidden)}"
@@ -209,7 +220,7 @@ def validate_vocab_stats_inputs(
             ref_bias = check_tensor("ref_bias", ref_bias)
             if _shape(ref_bias) != (vocab,):
                 raise ValueError(f"ref_bias: expected shape ({vocab},), got {_shape(ref_bias)}")
-            check_float("ref_bias", ref_bias)
+            check_float_tensor("ref_bias", ref_bias)
     elif ref_bias is not None:
         raise ValueError("ref_bias was given without ref_hidden/ref_weight")
     if kl and not has_ref:
@@ -219,21 +230,114 @@ def validate_vocab_stats_inputs(
         [("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias),
          ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)]
     )
-    check_positive("temperature", temperature, allow_none=False)
-    check_positive("softcap", softcap, allow_none=True)
+    check_number("temperature", temperature, gt=0.0)
+    if softcap is not None:
+        check_number("softcap", softcap, gt=0.0)
     if filter_eps is not None and filter_eps != "auto":
         if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or not (
             0 <= filter_eps < 1 and math.isfinite(filter_eps)
         ):
             raise ValueError(f"filter_eps: expected None, 'auto' or a number in [0, 1), got {filter_eps!r}")
     resolved = resolve_impl(impl, hidden.device)
-    if resolved == "triton":
-        for name, t in (("hidden", hidden), ("ref_hidden", ref_hidden)):
-            if t is not None and t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(
-                    f"impl='triton' supports float32/bfloat16/float16 inputs, got {name} of dtype {t.dtype}; "
-                    "use impl='torch' for float64"
-                )
+    supported = backend_entry(resolved).dtypes
+    for name, t in (("hidden", hidden), ("ref_hidden", ref_hidden)):
+        if t is not None and t.dtype not in supported:
+            names = "/".join(str(d).replace("torch.", "") for d in sorted(supported, key=str))
+            raise TypeError(
+                f"impl={resolved!r} supports {names} inputs, got {name} of dtype {t.dtype}; "
+                "use impl='torch' for float64"
+            )
     if not vocab_parallel:
         check_target_range("targets", targets, vocab, ignore_index)
     return token_shape, multi, resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss arguments: choices, shapes, batch layouts, references
+# ---------------------------------------------------------------------------------------------
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` must be one of ``choices``; returns it."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Tuple[int, ...], hint: str = "") -> None:
+    """``t.shape`` must equal ``expected``; ``hint`` says where the expectation comes from."""
+    if _shape(t) != tuple(expected):
+        extra = f" ({hint})" if hint else ""
+        raise ValueError(f"{name}: expected shape {tuple(expected)}{extra}, got {_shape(t)}")
+
+
+def check_all_or_none(named: Dict[str, object]) -> bool:
+    """Either every value is given or none is; returns True when all are given."""
+    given = [k for k, v in named.items() if v is not None]
+    if given and len(given) != len(named):
+        missing = [k for k in named if k not in given]
+        raise ValueError(
+            f"{', '.join(named)} must be given together: got {', '.join(given)} but not {', '.join(missing)}"
+        )
+    return bool(given)
+
+
+def check_sequence_batch(
+    name: str, hidden: object, targets: object, *, targets_name: str = "targets"
+) -> Tuple[int, int]:
+    """``hidden (R, T, D)`` floating point and ``targets (R, T)`` integer ids; returns ``(R, T)``."""
+    hidden = check_float_tensor(name, hidden)
+    targets = check_tensor(targets_name, targets)
+    if hidden.dim() != 3:
+        raise ValueError(f"{name}: expected shape (rows, T, D), got {_shape(hidden)}")
+    check_int(targets_name, targets)
+    check_shape(targets_name, targets, _shape(hidden)[:2], f"the (rows, T) of {name} {_shape(hidden)}")
+    return int(hidden.shape[0]), int(hidden.shape[1])
+
+
+def check_pair_rows(name: str, rows: int) -> int:
+    """A preference batch stacks ``[chosen; rejected]``: ``rows`` must be even and > 0. Returns B."""
+    if rows <= 0 or rows % 2 != 0:
+        raise ValueError(
+            f"{name}: expected an even, non-zero number of rows 2B stacked [chosen; rejected], got {rows} rows"
+        )
+    return rows // 2
+
+
+# What ``resolve_reference`` returns.
+REFERENCE_MODEL, REFERENCE_LOGP, REFERENCE_FREE, NO_REFERENCE = "model", "logp", "free", "none"
+
+
+def resolve_reference(
+    who: str,
+    ref_hidden: object,
+    ref_weight: object,
+    ref_logp: object,
+    *,
+    reference_free: Optional[bool] = None,
+    required: Optional[str] = None,
+    hint: str = "",
+) -> str:
+    """Which reference the caller of a loss gave, at most one of:
+
+    * ``"model"``: ``ref_hidden`` and ``ref_weight`` (the reference's log-probs come from the same
+      ``linear_vocab_stats`` pass as the policy's);
+    * ``"logp"``: precomputed ``ref_logp``;
+    * ``"free"``: ``reference_free=True`` (only for losses that take that flag; ``None`` = not offered);
+    * ``"none"``: nothing, allowed only when ``required`` is ``None``. Otherwise ``required`` says
+      why one is needed (e.g. ``"beta=0.04 > 0"``) and the error names it, followed by ``hint``.
+    """
+    has_model = check_reference_pair(ref_hidden, ref_weight)
+    options = [("ref_hidden/ref_weight", has_model), ("ref_logp", ref_logp is not None)]
+    if reference_free is not None:
+        options.append(("reference_free=True", bool(reference_free)))
+    given = [name for name, present in options if present]
+    if len(given) == 1 or (not given and required is None):
+        return {"ref_hidden/ref_weight": REFERENCE_MODEL, "ref_logp": REFERENCE_LOGP,
+                "reference_free=True": REFERENCE_FREE}[given[0]] if given else NO_REFERENCE
+    choices = "ref_hidden and ref_weight, or a precomputed ref_logp" + (
+        ", or reference_free=True" if reference_free is not None else "")
+    why = f"{required} needs a reference; " if required and not given else ""
+    rule = "pass one, not both" if given else "pass one"
+    raise ValueError(f"{who}: {why}expected exactly one reference: {choices}; got {', '.join(given) or 'none'} "
+                     f"({rule}){'; ' + hint if hint and not given else ''}")

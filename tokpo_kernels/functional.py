@@ -1,4 +1,9 @@
-"""The public functional surface. User input is validated here, once, before any kernel runs."""
+"""The public functional surface: ``linear_vocab_stats``.
+
+User input is validated here, before any kernel runs (losses check their own arguments first; on
+CUDA and under ``torch.compile`` the target-range check is a device-side assert, see
+``_validation.check_target_range``).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-from tokpo_kernels._types import VocabStats
+from tokpo_kernels._types import ImplParams, VocabStats
 from tokpo_kernels._validation import check_target_range, validate_vocab_stats_inputs
+from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard
-from tokpo_kernels.ops.params import StatsParams
 from tokpo_kernels.ops.vocab_stats import vocab_stats_2d
+
+# Integer target dtypes accepted and cast once to int64 (what gathers and the kernels index with).
+_NARROW_IDS = (torch.uint8, torch.int8, torch.int16, torch.int32)
 
 
 def linear_vocab_stats(
@@ -32,6 +40,8 @@ def linear_vocab_stats(
     impl: str = "auto",
     filter_eps: Optional[Union[float, str]] = None,
     process_group: Optional[dist.ProcessGroup] = None,
+    max_logit: bool = False,
+    mean_logit: bool = False,
 ) -> VocabStats:
     """Per-token statistics of ``softmax(h Wᵀ + b)`` without materialising the (N, V) logits.
 
@@ -49,7 +59,7 @@ def linear_vocab_stats(
         kl: also return ``KL(ref || policy)`` per token (needs a reference).
         entropy: also return the policy entropy per token.
         ignore_index: target id meaning "no target"; tokens whose ids are all ignored are masked
-            (statistics 0, no gradient) and skipped before any matmul.
+            (statistics 0, no gradient); the fused backends skip them before any matmul.
         temperature: divides the (soft-capped) logits; must be > 0.
         softcap: Gemma-style final-logit soft-capping value; must be > 0 when given.
         impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch),
@@ -72,53 +82,67 @@ def linear_vocab_stats(
             checksum and raise. DTensor weights (FSDP2, tensor parallel) and
             ZeRO-3 parameters are recognised without it (see
             ``tokpo_kernels.distributed.sharded_weights``).
+        max_logit: also return the row maximum of the transformed policy logits (detached: no
+            gradient). The target is the argmax when its logit reaches it; recomputed as
+            ``logp + lse`` it carries the rounding of ``lse``, so compare with a tolerance:
+            ``torch.isclose(stats.logp + stats.lse, stats.max_logit)`` (a token-accuracy metric).
+        mean_logit: also return ``Σ_v z_v / V`` of the transformed policy logits (what TRL logs as
+            ``logits/chosen``); differentiable, its gradient is ``1/V`` on every logit.
 
     Returns:
-        ``VocabStats`` with fp32 ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
-        ``kl``, ``entropy`` (``None`` when not requested) and the bool token ``mask``.
-        ``logp``, ``lse``, ``kl`` and ``entropy`` are differentiable w.r.t. ``hidden``, ``weight``
-        and ``bias``. ``kl`` is clamped at 0 to remove rounding negatives (its gradient is the
+        ``VocabStats`` with ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
+        ``kl``, ``entropy``, ``max_logit``, ``mean_logit`` (``None`` when not requested) and the
+        bool token ``mask``; statistics are fp32 (fp64 for fp64 inputs). ``logp``, ``lse``, ``kl``,
+        ``entropy`` and ``mean_logit`` are differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+        ``kl`` is clamped at 0 to remove rounding negatives (its gradient is the
         unclamped one).
 
     Raises:
         TypeError / ValueError: on bad input, naming what was expected and what was received.
     """
-    sharded = resolve_sharded_weights(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
-    hidden, weight, bias = sharded.hidden, sharded.weight, sharded.bias
-    ref_hidden, ref_weight, ref_bias = sharded.ref_hidden, sharded.ref_weight, sharded.ref_bias
+    if isinstance(targets, torch.Tensor) and targets.dtype in _NARROW_IDS:
+        # Cast before validating: an unsigned id compared with a negative ignore_index wraps around.
+        targets = targets.long()
+    head, group = resolve_sharded_weights(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = head
     token_shape, multi, resolved = validate_vocab_stats_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
-        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps, vocab_parallel=sharded.group is not None,
+        kl, entropy, ignore_index, temperature, softcap, impl, filter_eps, vocab_parallel=group is not None,
     )
     shard = None
-    if sharded.group is not None:
-        if resolved == "naive":
-            raise ValueError("impl='naive' does not support vocabulary parallelism; use impl='torch' or 'triton'")
+    if group is not None:
+        if not backend_entry(resolved).vocab_parallel:
+            raise ValueError(
+                f"impl={resolved!r} does not support vocabulary parallelism (process_group); "
+                "use impl='torch' or 'triton'"
+            )
         # First collective. Ranks whose inputs have the same shapes pass the same local checks above
         # (an empty shard, the one rank-local shape, is checked inside on every rank); a rank whose
         # inputs alone are malformed would still leave the others waiting here until the timeout.
         replicated = [("hidden", hidden), ("targets", targets)]
         if ref_hidden is not None:
             replicated.append(("ref_hidden", ref_hidden))
-        shard = vocab_shard(weight.shape[0], sharded.group, weight.device, replicated)
+        shard = vocab_shard(weight.shape[0], group, weight.device, replicated)
         check_target_range("targets", targets, shard.total, ignore_index)
-    params = StatsParams(
-        ignore_index=ignore_index,
+    params = ImplParams(
         temperature=float(temperature),
         softcap=None if softcap is None else float(softcap),
         kl=bool(kl),
         entropy=bool(entropy),
+        max_logit=bool(max_logit),
+        logit_sum=bool(mean_logit),
         filter_eps=filter_eps,
     )
+
     dim = hidden.shape[-1]
     n = 1
     for s in token_shape:
         n *= s
     t2 = targets.reshape(n, targets.shape[-1]) if multi else targets.reshape(n, 1)
     rh2 = None if ref_hidden is None else ref_hidden.reshape(n, ref_hidden.shape[-1])
-    logp, lse, ref_logp, kl_t, ent = vocab_stats_2d(
+    logp, lse, ref_logp, kl_t, ent, max_t, mean_t = vocab_stats_2d(
         hidden.reshape(n, dim), weight, t2, bias, rh2, ref_weight, ref_bias if ref_hidden is not None else None,
-        params, resolved, shard,
+        params, resolved, shard, ignore_index=ignore_index,
     )
     tshape = tuple(targets.shape)
     mask = (t2 != ignore_index).any(-1).reshape(token_shape)
@@ -129,4 +153,6 @@ def linear_vocab_stats(
         kl=None if kl_t is None else kl_t.reshape(token_shape),
         entropy=None if ent is None else ent.reshape(token_shape),
         mask=mask,
+        max_logit=None if max_t is None else max_t.reshape(token_shape),
+        mean_logit=None if mean_t is None else mean_t.reshape(token_shape),
     )

@@ -1,92 +1,181 @@
 """Compile the Triton kernels ahead of time for a CUDA target, without a GPU.
 
 The interpreter checks semantics but not codegen (layouts, dtypes of tl.dot, register/shared
-memory limits). This compiles every kernel variant the launchers can request down to a cubin for
+memory limits). This compiles the kernel variants the launchers can request down to a cubin for
 ``--arch`` (default sm_90, H100/H200) with the ptxas shipped in the triton wheel, and reports
 registers, spills and shared memory per variant. Run: ``python tools/compile_for_cuda.py``.
+
+By default a representative subset is compiled: every combination of the statistics flags, each
+with all other features off and with all on; ``--all`` compiles every flag combination. Compile
+signatures are built from each kernel's own argument list and a dtype rule (``signature``), so a
+new kernel argument is typed here without an edit, and a new constexpr flag that no variant sets
+fails loudly instead of being compiled at a default.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import itertools
 import os
+import re
 import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Tuple
 
+# Before triton is imported: this tool compiles for real, even from a shell that interprets.
 os.environ.pop("TRITON_INTERPRET", None)
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from tokpo_kernels.kernels import backward as bwd_mod  # noqa: E402
-from tokpo_kernels.kernels import forward_stats as fwd_mod  # noqa: E402
-from tokpo_kernels.kernels.configs import cuda_config, tuning_space  # noqa: E402
+from tokpo_kernels.kernels import backward as bwd_mod
+from tokpo_kernels.kernels import forward_stats as fwd_mod
+from tokpo_kernels.kernels.configs import KernelConfig, cuda_config, tuning_space
 
 # Largest dynamic shared memory one block may use on sm_90 (H100/H200): 227 KiB.
 SM90_MAX_SHARED = 232448
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
+# The dtype rule. Pointers of the head (policy and reference hidden, weight, bias) take the input
+# dtype; target ids and the compaction index are int64 and the valid-row count int32 (as
+# kernels/launch.py passes them); every other pointer is an fp32 statistic, cotangent, partial or
+# gradient accumulator. Scalars: sizes (upper case: N, V, D, ...) and strides are int32; the rest
+# are the fp32 runtime parameters (temperature, softcap, filter_eps).
+HEAD_POINTERS = frozenset({"h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr"})
+ID_POINTERS = {"tgt_ptr": "*i64", "row_index_ptr": "*i64", "n_valid_ptr": "*i32"}
 
-def _compile(fn, signature, constexprs, target, cfg):
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+
+def signature(fn, dtype: torch.dtype, constexprs: Dict[str, object]) -> Dict[str, str]:
+    """The compile signature of ``fn`` for inputs of ``dtype`` (rule above); raises when the
+    constexpr values given do not match the kernel's constexpr parameters exactly."""
+    sig: Dict[str, str] = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in HEAD_POINTERS:
+            sig[name] = f"*{_DT[dtype]}"
+        elif name in ID_POINTERS:
+            sig[name] = ID_POINTERS[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        elif name.isupper() or name.startswith("stride_"):
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    wanted = {n for n, t in sig.items() if t == "constexpr"}
+    if wanted != set(constexprs):
+        raise ValueError(f"{fn.__name__}: constexpr parameters {sorted(wanted)}, "
+                         f"got values for {sorted(constexprs)}")
+    return sig
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How to enumerate one kernel's variants.
+
+    ``stats``: flags compiled in every combination; ``extras``: the other features, every
+    combination with ``--all`` and otherwise the settings in ``representative``. ``allowed`` drops
+    combinations a launcher never requests; ``derived`` sets the flags that follow from others.
+    """
+
+    kind: str  # "fwd" / "bwd": the configs.cuda_config / tuning_space key
+    fn: object
+    stats: Tuple[str, ...]
+    extras: Tuple[str, ...]
+    representative: Tuple[Tuple[bool, ...], ...]
+    allowed: Callable[[Dict[str, bool]], bool]
+    derived: Callable[[Dict[str, bool]], Dict[str, bool]]
+    fixed: Dict[str, object] = field(default_factory=dict)
+
+    def flag_sets(self, full: bool) -> List[Dict[str, bool]]:
+        extra_values = itertools.product([False, True], repeat=len(self.extras)) if full else self.representative
+        out = []
+        for extra in extra_values:
+            for stats in itertools.product([False, True], repeat=len(self.stats)):
+                flags = dict(zip(self.stats, stats, strict=True), **dict(zip(self.extras, extra, strict=True)))
+                if self.allowed(flags):
+                    out.append(flags)
+        return out
+
+
+FORWARD = KernelSpec(
+    kind="fwd",
+    fn=fwd_mod._forward_stats_kernel,
+    stats=("HAS_REF", "NEED_KL", "NEED_ENTROPY"),
+    extras=("HAS_SOFTCAP", "HAS_BIAS", "NEED_SUM"),
+    representative=((False, False, False), (True, True, True)),
+    allowed=lambda f: f["HAS_REF"] or not f["NEED_KL"],  # KL needs the reference
+    derived=lambda f: dict(HAS_REF_BIAS=f["HAS_BIAS"] and f["HAS_REF"]),
+)
+
+BACKWARD = KernelSpec(
+    kind="bwd",
+    fn=bwd_mod._backward_kernel,
+    stats=("USE_Q", "USE_ENTROPY"),
+    extras=("HAS_SOFTCAP", "HAS_BIAS", "FILTER", "USE_SUM"),
+    # The launcher never sets FILTER with USE_SUM, so "all on" is one of the two.
+    representative=((False, False, False, False), (True, True, True, False), (True, True, False, True)),
+    allowed=lambda f: not (f["FILTER"] and f["USE_SUM"]),
+    derived=lambda f: dict(HAS_REF_BIAS=f["HAS_BIAS"] and f["USE_Q"], NEED_DB=f["HAS_BIAS"]),
+    fixed=dict(NEED_DH=True, NEED_DW=True),
+)
+
+SPECS = (FORWARD, BACKWARD)
+
+
+def variants(spec: KernelSpec, dtype: torch.dtype, cfg: KernelConfig, full: bool) -> Iterator[tuple]:
+    """``(label, fn, signature, constexprs, cfg)`` for every variant of ``spec`` (see KernelSpec)."""
+    blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+    if "GROUP_N" in spec.fn.arg_names:
+        blocks["GROUP_N"] = cfg.group_n
+    for flags in spec.flag_sets(full):
+        const = dict(flags, **spec.derived(flags), **spec.fixed, UPCAST=False, DOT_PRECISION="ieee", **blocks)
+        on = " ".join(k for k, v in flags.items() if v) or "-"
+        yield f"{spec.kind} {_DT[dtype]} [{on}]", spec.fn, signature(spec.fn, dtype, const), const, cfg
+
+
+def heaviest(spec: KernelSpec, dtype: torch.dtype, cfg: KernelConfig) -> tuple:
+    """The variant with the most features on (the last of the full enumeration)."""
+    return list(variants(spec, dtype, cfg, full=True))[-1]
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_variant(fn, sig, const, target, cfg) -> Tuple[object, str]:
+    """Compile one variant; returns the kernel and the ptxas resource line (registers, spills)."""
+    src = ASTSource(fn=fn, signature=sig, constexprs=const)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return triton.compile(src, target=target, options=opts)
-
-
-def _sig(fn, dtypes):
-    return {name: dtypes.get(name, "i32") for name in fn.arg_names}
-
-
-def forward_variants(dtype, target, cfg=None):
-    dt = _DT[dtype]
-    cfg = cfg or cuda_config("fwd", dtype)
-    fn = fwd_mod._forward_stats_kernel
-    ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
-    ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", tgt_logit_ptr="*fp32",
-                ref_tgt_logit_ptr="*fp32", part_ptr="*fp32", inv_temperature="fp32", softcap="fp32")
-    for has_ref, kl, ent, sc, bias in itertools.product([False, True], [False, True], [False, True],
-                                                        [False, True], [False, True]):
-        if kl and not has_ref:
-            continue
-        const = dict(HAS_BIAS=bias, HAS_REF=has_ref, HAS_REF_BIAS=bias and has_ref, HAS_SOFTCAP=sc, NEED_KL=kl,
-                     NEED_ENTROPY=ent, UPCAST=False, DOT_PRECISION="ieee", BLOCK_N=cfg.block_n,
-                     BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
-        sig = _sig(fn, ptrs)
-        for k in const:
-            sig[k] = "constexpr"
-        yield f"fwd {dt} ref={has_ref} kl={kl} ent={ent} softcap={sc} bias={bias}", fn, sig, const, cfg
-
-
-def backward_variants(dtype, target, cfg=None):
-    dt = _DT[dtype]
-    cfg = cfg or cuda_config("bwd", dtype)
-    fn = bwd_mod._backward_kernel
-    ptrs = {n: f"*{dt}" for n in ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")}
-    ptrs.update(tgt_ptr="*i64", row_index_ptr="*i64", n_valid_ptr="*i32", inv_temperature="fp32", softcap="fp32",
-                filter_eps="fp32")
-    for n in ("lse_ptr", "ref_lse_ptr", "ent_ptr", "g_lse_ptr", "g_tgt_ptr", "g_kl_ptr", "g_ent_ptr",
-              "dh_ptr", "dw_ptr", "db_ptr"):
-        ptrs[n] = "*fp32"
-    for use_q, ent, sc, bias in itertools.product([False, True], [False, True], [False, True], [False, True]):
-        # the tile filter is compiled into the softcap+bias variants (one switch less to multiply)
-        const = dict(HAS_BIAS=bias, HAS_REF_BIAS=bias and use_q, HAS_SOFTCAP=sc, USE_Q=use_q, USE_ENTROPY=ent,
-                     FILTER=sc,
-                     NEED_DH=True, NEED_DW=True, NEED_DB=bias, UPCAST=False, DOT_PRECISION="ieee",
-                     BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n)
-        sig = _sig(fn, ptrs)
-        for k in const:
-            sig[k] = "constexpr"
-        yield f"bwd {dt} q={use_q} ent={ent} softcap={sc} bias={bias} filter={sc}", fn, sig, const, cfg
+    log = io.StringIO()
+    # ptxas already runs with -v; triton prints its log only when asked to (and runs ptxas only on
+    # a cold cache: a cached variant reports no registers).
+    triton.knobs.nvidia.dump_ptxas_log = True
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=target, options=opts)
+    text = log.getvalue()
+    regs = _REGS.findall(text)
+    spills = _SPILLS.findall(text)
+    usage = ""
+    if regs:
+        usage = f"regs={regs[-1]}"
+    if spills:
+        usage += f" spill={spills[-1][0]}/{spills[-1][1]}B"
+    return kernel, usage
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--all", action="store_true", help="every flag combination (slow); default: a representative subset")
+    ap.add_argument("--all", action="store_true",
+                    help="every flag combination (slow); default: a representative subset")
     ap.add_argument("--space", action="store_true",
                     help="instead: every config of the TOKPO_AUTOTUNE tuning space, all features on")
     args = ap.parse_args()
@@ -95,28 +184,26 @@ def main() -> int:
     failures = 0
     for name in args.dtypes.split(","):
         dtype = want[name]
-        if args.space:
-            # the heaviest variant of each kernel (reference, KL, entropy, softcap, bias, filter)
-            variants = [list(forward_variants(dtype, target, c))[-1] for c in tuning_space("fwd", dtype)]
-            variants += [list(backward_variants(dtype, target, c))[-1] for c in tuning_space("bwd", dtype)]
-            variants = [(f"{v[0]} {v[4]}", *v[1:]) for v in variants]
-        else:
-            variants = list(forward_variants(dtype, target)) + list(backward_variants(dtype, target))
-        if not args.all and not args.space:
-            # Representative subset: both bias settings with and without softcap, every ref/kl/ent flag.
-            variants = [v for v in variants if ("softcap=True" in v[0]) == ("bias=True" in v[0])]
-        for label, fn, sig, const, cfg in variants:
+        todo = []
+        for spec in SPECS:
+            if args.space:
+                for cfg in tuning_space(spec.kind, dtype):
+                    label, *rest = heaviest(spec, dtype, cfg)
+                    todo.append((f"{label} {cfg}", *rest))
+            else:
+                todo += variants(spec, dtype, cuda_config(spec.kind, dtype), args.all)
+        for label, fn, sig, const, cfg in todo:
             try:
-                k = _compile(fn, sig, const, target, cfg)
+                k, usage = compile_variant(fn, sig, const, target, cfg)
                 md = k.metadata
                 if md.shared > SM90_MAX_SHARED:
                     failures += 1
                     print(f"FAIL {label}: needs {md.shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED}")
                     continue
-                print(f"ok   {label:58s} smem={md.shared}B")
+                print(f"ok   {label:60s} smem={md.shared}B {usage}", flush=True)
             except Exception as exc:  # report every variant, then fail
                 failures += 1
-                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
     return 1 if failures else 0
 
 

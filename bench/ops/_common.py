@@ -17,8 +17,11 @@ import torch
 from bench.inputs import HeadInputs, loss_cotangent, make_head_inputs
 from bench.registry import Built, Impl, Operation, Shape, Unavailable, get_operation, register_impl, register_operation
 from tokpo_kernels._compat import triton_interpreter_enabled
+from tokpo_kernels.backends import backend_entry, backend_names, unavailable_reason
 
-LIBRARY_IMPLS = ("naive", "torch", "triton")
+# This library's impls are its registered backends: a new backend gets benchmark rows with no edit here.
+LIBRARY_IMPLS = backend_names()
+LIBRARY_NOTES = {name: f"tokpo_kernels impl={name!r}: {backend_entry(name).summary}" for name in LIBRARY_IMPLS}
 # The interpreter runs kernels op by op in NumPy to test them on CPU: at benchmark sizes it runs
 # for hours and its time says nothing about the kernels, so it is allowed on tiny cases only.
 INTERPRETER_MAX_LOGITS = 1 << 16
@@ -70,8 +73,20 @@ def _built(batch: Batch, forward: Callable[[], Tuple[Any, ...]], summary: Option
     return Built(fwd=forward, bwd=bwd, extra=dict(batch.extra), summary=summary)
 
 
-def builder(op_name: str, make_forward: ForwardFactory, *, interpreted_triton: bool = False):
-    """A registry builder ``(shape, dtype, device) -> Built`` for one implementation of ``op_name``.
+def needs_interpreter(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` runs on ``device`` only emulated (its kernels in the Triton interpreter,
+    a test tool), as its registry entry says."""
+    return device.type in backend_entry(backend).emulated_devices
+
+
+def interpreted_impls() -> Tuple[str, ...]:
+    """This library's impls that run on CPU only in the Triton interpreter (tested on tiny cases)."""
+    return tuple(name for name in LIBRARY_IMPLS if needs_interpreter(name, torch.device("cpu")))
+
+
+def builder(op_name: str, make_forward: ForwardFactory, *, backend: Optional[str] = None):
+    """A registry builder ``(shape, dtype, device) -> Built`` for one implementation of ``op_name``
+    (``backend``: the library backend it runs, for this library's impls).
 
     The implementation first runs on a tiny version of the shape, so one that cannot run here
     (a missing module, an unsupported option, no kernel for this device) is reported in a second
@@ -80,7 +95,7 @@ def builder(op_name: str, make_forward: ForwardFactory, *, interpreted_triton: b
 
     def build(shape: Shape, dtype: torch.dtype, device: torch.device) -> Built:
         op = get_operation(op_name)
-        if interpreted_triton and device.type != "cuda" and triton_interpreter_enabled():
+        if backend is not None and triton_interpreter_enabled() and needs_interpreter(backend, device):
             if shape.valid_tokens * shape.vocab > INTERPRETER_MAX_LOGITS:
                 raise Unavailable("Triton on CPU runs only in the interpreter (TRITON_INTERPRET=1), a test tool: "
                                   "run on tiny cases by the pytest suite, not timed at benchmark sizes")
@@ -95,15 +110,6 @@ def builder(op_name: str, make_forward: ForwardFactory, *, interpreted_triton: b
     return build
 
 
-LIBRARY_NOTES = {
-    "naive": "tokpo_kernels impl='naive': full logits, autograd (the papers' materialised way)",
-    "torch": "tokpo_kernels impl='torch': chunked PyTorch over valid tokens, recompute in backward",
-    "triton": "tokpo_kernels impl='triton': fused forward-statistics and backward Triton kernels",
-}
-TRITON_DEVICE_NOTE = ("Triton kernels (on CPU they run only under TRITON_INTERPRET=1, a test tool the pytest "
-                      "suite runs on tiny cases)")
-
-
 def _library_forward(call: Callable[[Batch, str], Tuple[Any, ...]], impl: str, batch: Batch,
                      device: torch.device) -> Callable[[], Tuple[Any, ...]]:
     return lambda: call(batch, impl)
@@ -113,16 +119,15 @@ def register_library_operation(name: str, description: str, flops: Callable[[Sha
                                make_inputs: Callable[[Shape, torch.dtype, torch.device], Batch],
                                call: Callable[[Batch, str], Tuple[Any, ...]], *,
                                summary: Summary = loss_summary) -> Operation:
-    """Register an operation with this library's three impls; ``call(batch, impl)`` runs one
-    forward of the library's public function and returns the differentiable outputs first."""
+    """Register an operation with one impl per registered backend; ``call(batch, impl)`` runs one
+    forward of the library's public function and returns the differentiable outputs first. Where
+    an impl can run comes from the backend registry (``unavailable_reason``)."""
     op = register_operation(Operation(name=name, description=description, flops=flops,
                                       make_inputs=make_inputs, summary=summary))
     for impl in LIBRARY_IMPLS:
-        triton = impl == "triton"
         op.impls[impl] = Impl(
-            name=impl, build=builder(name, functools.partial(_library_forward, call, impl), interpreted_triton=triton),
-            devices=("cuda",) if triton else ("cpu", "cuda"), note=LIBRARY_NOTES[impl],
-            device_note=TRITON_DEVICE_NOTE if triton else "",
+            name=impl, build=builder(name, functools.partial(_library_forward, call, impl), backend=impl),
+            note=LIBRARY_NOTES[impl], unavailable=functools.partial(unavailable_reason, impl),
         )
     return op
 

@@ -8,7 +8,7 @@ values and gradients agree).
 
 FLOPs (bench/flops.py): the reference is given as hidden states, as Liger requires (it cannot take
 precomputed reference log-probs), so its log-sum-exp is streamed: forward 4NDV, forward+backward
-10NDV. (DESIGN.md's "8NDV for DPO" holds with precomputed reference log-probs, ``ref_logp=``.)
+10NDV. (The usual "8NDV for DPO" holds with precomputed reference log-probs, ``ref_logp=``.)
 """
 
 from __future__ import annotations

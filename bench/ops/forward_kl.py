@@ -2,7 +2,7 @@
 
     loss = (1/N) Σ_{t valid} KL(q_t ‖ p_t),   p = softmax(h Wᵀ), q = softmax(h_ref W_refᵀ)
 
-This is the full-vocabulary part of TDPO / TI-DPO (METHODS.md §1-2) on its own, so that it can be
+This is the full-vocabulary part of TDPO / TI-DPO (docs/methods.md §1-2) on its own, so that it can be
 compared with the one peer that computes exactly it: Liger-Kernel's ``LigerFusedLinearJSDLoss``
 with ``beta=0`` (bench/peers/liger_jsd.py). This library computes it as
 ``linear_vocab_stats(..., kl=True).kl`` masked and averaged; only ``kl`` carries a gradient.

@@ -33,9 +33,9 @@ def call(batch: Batch, impl: str, *, reference: bool) -> Tuple[Any, ...]:
 
 
 def summary(out: Tuple[Any, ...]) -> Dict[str, float]:
-    mask = out[-1]
-    names = ("mean_logp", "mean_lse", "mean_kl")
-    return {name: float(x.detach()[mask].mean()) for name, x in zip(names, out[:-1])}
+    *stats, mask = out
+    names = ("mean_logp", "mean_lse", "mean_kl")[: len(stats)]  # no kl without a reference
+    return {name: float(x.detach()[mask].mean()) for name, x in zip(names, stats, strict=True)}
 
 
 for _name, _ref, _what in (

@@ -2,7 +2,7 @@
 
 Rows stack ``[chosen; rejected]``. Per row ``M_b = Σ_t m_t (ℓ_t[y_t] − ℓ_ref,t[y_t])`` and
 ``K_b = Σ_t m_t KL(q_t ‖ p_t)``; ``Δ = (M_c − M_r) − α (K_r − sg(K_c))``,
-``loss = mean_b −log σ(β Δ)`` with ``β = 0.1``, ``α = 0.5`` (METHODS.md §2). The peer
+``loss = mean_b −log σ(β Δ)`` with ``β = 0.1``, ``α = 0.5`` (docs/methods.md §2). The peer
 ``tdpo_reference_code`` computes the same loss the way the TDPO reference code does, from full
 policy and reference logits (bench/peers/tdpo_reference_code.py).
 

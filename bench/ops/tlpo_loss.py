@@ -4,7 +4,7 @@ Each group is one confusion point: its hidden row, the policy's top-16 next toke
 (deterministic exploration, as the reference code), their detached probabilities and ±1 rewards
 turned into advantages by ``tk.tlpo_advantages``. The loss is PPO-clip over the candidates with the
 k3 KL to a reference (β_KL = 0.04, ε = 0.2/0.2, ``old_logp`` = the detached current log-probs:
-the reference configuration, METHODS.md §4). The reference's candidate log-probs are precomputed
+the reference configuration, docs/methods.md §4). The reference's candidate log-probs are precomputed
 (``ref_logp=``, (G, K)), once per batch outside the step, as GRPO trainers precompute theirs.
 
 FLOPs (bench/flops.py): N = G hidden rows (not G·K: the K candidates share one row's logits,

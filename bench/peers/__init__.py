@@ -14,16 +14,15 @@ bench/test_peer_agreement.py checks every peer that runs here against the naive 
 | liger_dpo | dpo_loss | liger_dpo.py |
 | liger_grpo | ppo_loss | liger_grpo.py |
 | liger_jsd (beta = 0) | forward_kl | liger_jsd.py |
+| liger_distill (beta = 0) | distill_loss | liger_distill.py |
 | liger_flce (CUDA) | linear_cross_entropy | liger_flce.py |
 | cce, cce_exact (CUDA) | linear_cross_entropy | cut_cross_entropy.py |
 """
 
-from bench.peers import (  # noqa: F401
-    cut_cross_entropy,
-    liger_dpo,
-    liger_flce,
-    liger_grpo,
-    liger_jsd,
-    tdpo_reference_code,
-    torch_lce,
-)
+import importlib
+import pkgutil
+
+# Every module of this package is a peer file: importing it registers its peers.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -10,7 +10,7 @@ number of valid labels. With teacher = reference and student = policy that is
 
     (1/N) Σ_{t valid} KL(q_t ‖ p_t)
 
-the forward KL(ref ‖ policy) of TDPO / TI-DPO (METHODS.md §1), averaged: exactly the
+the forward KL(ref ‖ policy) of TDPO / TI-DPO (docs/methods.md §1), averaged: exactly the
 ``forward_kl`` operation (bench/test_peer_agreement.py checks value and gradients). The hard
 (cross-entropy) term is off (``weight_hard_loss=0``: Liger then skips it); temperature 1.
 Gradients are computed in the forward (``torch.func.grad_and_value`` per chunk).

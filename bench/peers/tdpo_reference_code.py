@@ -1,6 +1,6 @@
 """``tdpo_reference_code``: TDPO computed the way the TDPO paper's reference code computes it.
 
-Written from METHODS.md §2 and the description of the public reference code (Zeng et al., ICML
+Written from docs/methods.md §2 and the description of the public reference code (Zeng et al., ICML
 2024), not copied from it. Its training step, from the lm-head on:
 
 1. full logits of the policy for every position of ``[chosen; rejected]`` (prompt included),

@@ -29,23 +29,20 @@ What each layout means for ``linear_vocab_stats`` and what is done with it:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
+from tokpo_kernels._types import HeadTensors
 
-@dataclass
-class ResolvedWeights:
-    """Plain tensors for the single-device implementations, plus the vocabulary-parallel group."""
 
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    ref_hidden: Optional[torch.Tensor]
-    ref_weight: Optional[torch.Tensor]
-    ref_bias: Optional[torch.Tensor]
+class ResolvedWeights(NamedTuple):
+    """Plain tensors for the single-device implementations, plus the vocabulary-parallel group.
+
+    ``tensors`` holds both heads (``None`` where absent)."""
+
+    tensors: HeadTensors
     group: Optional[dist.ProcessGroup]
 
 
@@ -64,9 +61,10 @@ def check_zero3_gathered(name: str, t: object) -> None:
         return
     status = getattr(t, "ds_status", None)
     if getattr(status, "name", str(status)) != "AVAILABLE":
+        full_shape = tuple(getattr(t, "ds_shape", ()))
         raise ValueError(
             f"{name}: expected a gathered DeepSpeed ZeRO-3 parameter (ds_status AVAILABLE), got one that is "
-            f"partitioned (ds_status={getattr(status, 'name', status)}, full shape {tuple(getattr(t, 'ds_shape', ()))}). "
+            f"partitioned (ds_status={getattr(status, 'name', status)}, full shape {full_shape}). "
             "Call the loss inside the forward of the module that owns the lm-head (ZeRO-3 gathers its parameters "
             "there and re-gathers them for backward), or register the parameter as used by that module with "
             "deepspeed.zero.register_external_parameter."
@@ -148,9 +146,8 @@ def resolve_sharded_weights(
     """
     for name, t in (("weight", weight), ("bias", bias), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
         check_zero3_gathered(name, t)
-    if process_group is not None:
-        if not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
     policy = {"weight": weight, "bias": bias}
     reference = {"ref_weight": ref_weight, "ref_bias": ref_bias}
     policy_sharded = any(_is_dtensor(t) for t in policy.values())
@@ -167,10 +164,9 @@ def resolve_sharded_weights(
                 "hidden: got a DTensor with plain-tensor weights; pass hidden.to_local() (vocabulary-parallel "
                 "with process_group=...) or DTensor weights on the same mesh"
             )
-        return ResolvedWeights(
-            hidden, weight, bias, ref_hidden,
-            _gathered_reference(ref_weight), _gathered_reference(ref_bias), process_group,
-        )
+        head = HeadTensors(hidden, weight, bias, ref_hidden, _gathered_reference(ref_weight),
+                           _gathered_reference(ref_bias))
+        return ResolvedWeights(head, process_group)
 
     for name, t in policy.items():
         if t is not None and not _is_dtensor(t):
@@ -205,16 +201,12 @@ def resolve_sharded_weights(
                     f"{name}: with a vocabulary-sharded DTensor weight and a DTensor hidden, expected hidden "
                     "replicated (Replicate()) on the weight's mesh"
                 )
-        local = lambda t: None if t is None else t.to_local()  # noqa: E731
-        return ResolvedWeights(
-            local(hidden), local(weight), local(bias), local(ref_hidden), local(ref_weight), local(ref_bias),
-            mesh.get_group(),
-        )
+        plain = HeadTensors(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+        return ResolvedWeights(HeadTensors(*(None if t is None else t.to_local() for t in plain)), mesh.get_group())
     if _is_dtensor(ref_hidden):
         raise ValueError("ref_hidden: expected a plain tensor like hidden, got a DTensor")
     # FSDP2: each rank has its own tokens; gather the head for this call.
     _check_fsdp_dtype(hidden, weight)
-    return ResolvedWeights(
-        hidden, gather_data_parallel(weight), None if bias is None else gather_data_parallel(bias), ref_hidden,
-        _gathered_reference(ref_weight), _gathered_reference(ref_bias), None,
-    )
+    head = HeadTensors(hidden, gather_data_parallel(weight), None if bias is None else gather_data_parallel(bias),
+                       ref_hidden, _gathered_reference(ref_weight), _gathered_reference(ref_bias))
+    return ResolvedWeights(head, None)

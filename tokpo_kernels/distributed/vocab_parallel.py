@@ -4,19 +4,12 @@ The lm-head weight ``[V × D]`` is split by rows over the ranks of a process gro
 rank ``r`` holds rows ``[start_r, start_r + V_r)`` (any sizes ``V_r ≥ 1``, so ``V`` need not divide
 by the world size). Hidden states and targets are the same on every rank (target ids are global).
 
-Each rank runs the ordinary single-device implementation on its shard, as if the shard were the
-whole vocabulary, which gives per-token *local* statistics ``lse_r``, ``H_r``, ``KL_r`` (and the
-reference ``lse_q,r``). With ``w_r = e^{lse_r − lse}`` and ``v_r = e^{lse_q,r − lse_q}`` (each sums
-to 1 over ranks), the global ones follow exactly:
-
-    lse = log Σ_r e^{lse_r}
-    H   = Σ_r w_r (H_r + lse − lse_r)                       (H = lse − Σ p·z, split per shard)
-    KL  = Σ_r v_r (KL_r + lse_q,r − lse_r) − lse_q + lse    (KL = Σ q (z_q − z) − lse_q + lse)
-
-Computed with shifts ``M = max_r lse_r`` and ``M_q = max_r lse_q,r`` so that no term overflows:
-``S = Σ_r e^{lse_r − M}``, ``lse = M + log S``, ``H = Σ_r e^{lse_r−M}(H_r − (lse_r − M)) / S + log S``
-and ``KL = Σ_r e^{lse_q,r−M_q}(KL_r + (lse_q,r − M_q) − (lse_r − M)) / S_q − log S_q + log S``.
-The rank that owns a target id contributes its logit, the others 0, so a sum delivers it.
+Each rank runs the ordinary single-device backend on its shard, as if the shard were the whole
+vocabulary, which gives per-token *local* statistics (``lse_r``, ``H_r``, ``KL_r``, the reference's
+``lse_q,r``, ``max_r``, ``Σ_r z``); ``tokpo_kernels.partials.merge_local_stats`` turns them into the
+global ones exactly, with this module's all-reduce as its reduction (the Triton backend uses the
+same merge over its vocabulary splits). The rank that owns a target id contributes its logit, the
+others 0, so a sum delivers it.
 
 Communication per forward (all-reduce payloads; what goes on the wire depends on the algorithm, e.g.
 a ring sends about 2(W−1)/W times the payload), with N token rows (ignored ones included: keeping
@@ -25,8 +18,11 @@ c = 4 bytes (statistics travel in fp32; 8 for fp64 inputs):
 
     layout:  one SUM of W·(3 + r) float64                   8·W·(3 + r) bytes
              (shard sizes, and checksums of hidden, targets and ref_hidden: they must agree)
-    maxima:  one MAX of N·(1 + r) numbers                   c·N·(1 + r) bytes
-    sums:    one SUM of N·((1 + r)(1 + J) + kl + entropy)   c·N·((1 + r)(1 + J) + kl + entropy) bytes
+    maxima:  one MAX of N·(1 + r + mx) numbers              c·N·(1 + r + mx) bytes
+    sums:    one SUM of N·((1 + r)(1 + J) + kl + entropy + mean)
+                                                            c·N·((1 + r)(1 + J) + kl + entropy + mean) bytes
+
+(``mx``, ``mean``: 1 when ``max_logit`` / ``mean_logit`` are asked for, else 0.)
 
 e.g. TDPO (r = 1, J = 1, kl): 32·W + 28·N bytes. Per backward, when ``hidden`` needs a gradient,
 one SUM of ``∂hidden`` in fp32: c·N·D bytes, the dominant term (``∂W`` and ``∂bias`` stay local;
@@ -45,6 +41,7 @@ import torch.distributed as dist
 from tokpo_kernels._types import RawStats
 from tokpo_kernels._validation import fail_if
 from tokpo_kernels.numerics import accum_dtype
+from tokpo_kernels.partials import merge_local_stats
 
 
 @dataclass(frozen=True)
@@ -110,60 +107,43 @@ def localize_targets(targets: torch.Tensor, tvalid: torch.Tensor, shard: VocabSh
     return torch.where(owned, local, torch.full_like(local, -1))
 
 
+class _AllReduceReducer:
+    """Reduces over ranks: one all-reduce per call, with every tensor of the call packed into it."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def _reduce(self, xs: Sequence[torch.Tensor], op: dist.ReduceOp) -> List[torch.Tensor]:
+        cols = [x.reshape(x.shape[0], -1) for x in xs]  # (N,) and (N, J) as columns of one buffer
+        packed = torch.cat(cols, dim=1)
+        dist.all_reduce(packed, op=op, group=self.group)
+        parts = torch.split(packed, [c.shape[1] for c in cols], dim=1)
+        return [p.reshape(x.shape) for p, x in zip(parts, xs, strict=True)]
+
+    def max(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        return self._reduce(xs, dist.ReduceOp.MAX)
+
+    def sum(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        return self._reduce(xs, dist.ReduceOp.SUM)
+
+
 def combine_across_ranks(raw: RawStats, owned: torch.Tensor, row_valid: torch.Tensor, group_name: str) -> RawStats:
-    """Merge per-shard statistics into global ones (see the module docstring for the algebra).
+    """Merge per-shard statistics into global ones (``tokpo_kernels.partials`` has the algebra).
 
     ``raw`` holds this rank's local statistics for all N rows; ``owned`` (N, J) marks the target
     ids whose logits this rank computed. Rows that are not valid carry zeros through the
     collectives (their local values may be anything) and are masked by the caller.
     """
-    group = resolve_group(group_name)
     zero = raw.lse.new_zeros(())
 
-    def clean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, x, zero)
+    def clean(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else torch.where(row_valid, x, zero)
 
-    has_ref = raw.ref_lse is not None
-    lse_r = clean(raw.lse, row_valid)
-    ref_lse_r = clean(raw.ref_lse, row_valid) if has_ref else None
-
-    maxima = torch.stack([lse_r, ref_lse_r]) if has_ref else lse_r[None].clone()
-    dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    shift = lse_r - maxima[0]  # lse_r − M ≤ 0
-    w = torch.exp(shift)
-    parts: List[torch.Tensor] = [w[:, None], clean(raw.tgt_logit, owned)]
-    ref_shift = wq = None
-    if has_ref:
-        ref_shift = ref_lse_r - maxima[1]
-        wq = torch.exp(ref_shift)
-        parts += [wq[:, None], clean(raw.ref_tgt_logit, owned)]
-    # A fully masked shard (all logits -inf: lse_r = -inf, w = 0) has undefined local H_r / KL_r
-    # and must contribute exactly 0, so its terms are selected away rather than multiplied by 0.
-    if raw.entropy is not None:
-        parts.append(torch.where(w > 0, w * (clean(raw.entropy, row_valid) - shift), zero)[:, None])
-    if raw.kl is not None:
-        parts.append(torch.where(wq > 0, wq * (clean(raw.kl, row_valid) + ref_shift - shift), zero)[:, None])
-    sums = torch.cat(parts, dim=1)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    cols = iter(torch.split(sums, [p.shape[1] for p in parts], dim=1))
-
-    # S ≥ 1 on a valid row (its largest shard contributes e^0); the clamp only guards masked rows.
-    s = next(cols).squeeze(1).clamp_min(1.0)
-    log_s = s.log()
-    lse = maxima[0] + log_s
-    tgt = next(cols)
-    ref_lse = ref_tgt = log_sq = None
-    if has_ref:
-        sq = next(cols).squeeze(1).clamp_min(1.0)
-        log_sq = sq.log()
-        ref_lse = maxima[1] + log_sq
-        ref_tgt = next(cols)
-    entropy = kl = None
-    if raw.entropy is not None:
-        entropy = next(cols).squeeze(1) / s + log_s
-    if raw.kl is not None:
-        kl = (next(cols).squeeze(1) / sq - log_sq + log_s).clamp_min(0.0)
-    return RawStats(tgt, lse, ref_tgt, ref_lse, kl, entropy)
+    local = RawStats(
+        raw.tgt_logit, clean(raw.lse), raw.ref_tgt_logit, clean(raw.ref_lse),
+        clean(raw.kl), clean(raw.entropy), clean(raw.max_logit), clean(raw.logit_sum),
+    )
+    return merge_local_stats(local, _AllReduceReducer(resolve_group(group_name)), owned=owned)
 
 
 def all_reduce_hidden_grad(dh: torch.Tensor, group_name: str) -> torch.Tensor:
@@ -211,7 +191,7 @@ def vocab_mean(
 
 def comm_bytes(
     n: int, j: int, d: int, world: int, *, reference: bool, kl: bool, entropy: bool,
-    backward: bool = True, dtype: torch.dtype = torch.float32,
+    backward: bool = True, dtype: torch.dtype = torch.float32, max_logit: bool = False, mean_logit: bool = False,
 ) -> int:
     """All-reduce payload bytes one rank sends per call (the formula of the module docstring).
 
@@ -223,5 +203,7 @@ def comm_bytes(
     """
     c = accum_dtype(dtype).itemsize
     r = int(reference)
-    forward = 8 * world * (3 + r) + c * n * (1 + r) + c * n * ((1 + r) * (1 + j) + int(kl) + int(entropy))
+    maxima = c * n * (1 + r + int(max_logit))
+    sums = c * n * ((1 + r) * (1 + j) + int(kl) + int(entropy) + int(mean_logit))
+    forward = 8 * world * (3 + r) + maxima + sums
     return forward + (c * n * d if backward else 0)

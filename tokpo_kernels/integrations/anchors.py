@@ -1,4 +1,4 @@
-"""TI-DPO anchors: a response sampled from the current policy for each prompt (METHODS.md §3).
+"""TI-DPO anchors: a response sampled from the current policy for each prompt (docs/methods.md §3).
 
 The triplet term compares the chosen and rejected responses with an *anchor*: a fresh sample of
 the policy for the same prompt. Defaults are the TI-DPO reference code's: top-k 50, top-p 0.95,
@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, eos_ids, eval_mode, pad_left, pad_right
 
 __all__ = ["AnchorBatch", "generate_anchors", "prompts_from_preference_batch"]
 
@@ -59,17 +61,6 @@ def prompts_from_preference_batch(
     return prompts
 
 
-def _eos_ids(model: nn.Module, eos_token_id: Union[int, Sequence[int], None]) -> list:
-    if eos_token_id is None:
-        cfg = getattr(model, "generation_config", None)
-        eos_token_id = getattr(cfg, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(model, "config", None), "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-
 def generate_anchors(
     model: nn.Module,
     prompts: Sequence[torch.Tensor],
@@ -81,7 +72,7 @@ def generate_anchors(
     top_p: float = 0.95,
     temperature: float = 0.8,
     do_sample: bool = True,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     generation_kwargs: Optional[dict] = None,
 ) -> AnchorBatch:
     """Sample one response per prompt from ``model`` and return the right-padded :class:`AnchorBatch`.
@@ -97,7 +88,7 @@ def generate_anchors(
             :func:`prompts_from_preference_batch`.
         pad_token_id: padding id of the tokenizer.
         eos_token_id: stop id(s); default the model's ``generation_config.eos_token_id``.
-        max_new_tokens, top_k, top_p, temperature, do_sample: sampling (METHODS.md defaults).
+        max_new_tokens, top_k, top_p, temperature, do_sample: sampling (docs/methods.md defaults).
         ignore_index: label of prompt and padding positions.
         generation_kwargs: extra keyword arguments for ``generate``.
     """
@@ -105,15 +96,9 @@ def generate_anchors(
         raise ValueError("generate_anchors: no prompts")
     device = prompts[0].device
     lengths = [int(p.numel()) for p in prompts]
-    width = max(lengths)
-    batch = len(prompts)
-    ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((batch, width), dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        if lengths[b]:
-            ids[b, width - lengths[b]:] = p.to(device=device, dtype=torch.long)
-            mask[b, width - lengths[b]:] = 1
-    eos = _eos_ids(model, eos_token_id)
+    ids, mask = pad_left(prompts, pad_token_id, device)
+    width = ids.shape[1]
+    eos = eos_ids(model, eos_token_id)
 
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id, use_cache=True,
@@ -123,17 +108,12 @@ def generate_anchors(
     if eos:
         kwargs["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     kwargs.update(generation_kwargs or {})
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     new = out[:, width:]
 
-    rows, comp_lens = [], []
-    for b in range(batch):
+    rows = []
+    for b in range(len(prompts)):
         gen = new[b]
         keep = gen.numel()
         if eos:
@@ -142,15 +122,9 @@ def generate_anchors(
                 keep = int(hit[0]) + 1  # keep the first EOS, drop what follows
         gen = gen[:keep]
         rows.append(torch.cat([prompts[b].to(device=device, dtype=torch.long), gen]))
-        comp_lens.append(int(gen.numel()))
-    total = max(int(r.numel()) for r in rows)
-    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
-    completion_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        n = int(r.numel())
-        input_ids[b, :n] = r
-        attention_mask[b, :n] = 1
-        completion_mask[b, lengths[b]:n] = 1
+    input_ids, attention_mask = pad_right(rows, pad_token_id, device)
+    completion_mask = attention_mask.clone()
+    for b, n in enumerate(lengths):
+        completion_mask[b, :n] = 0  # the prompt
     labels = input_ids.masked_fill(completion_mask == 0, ignore_index)
     return AnchorBatch(input_ids, attention_mask, labels, completion_mask)

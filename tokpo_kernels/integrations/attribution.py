@@ -1,4 +1,4 @@
-"""TI-DPO token-importance attribution (arXiv 2505.19653; METHODS.md §3, step 1).
+"""TI-DPO token-importance attribution (arXiv 2505.19653; docs/methods.md §3, step 1).
 
     I_i = ‖∂ L_target / ∂ e_i‖₁,   L_target = max_v z_{last, v}
 
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import tokpo_kernels as tk
+from tokpo_kernels.integrations._hf_utils import eval_mode
 from tokpo_kernels.integrations.hf_hidden import causal_lm_hidden_states, gathered_lm_head, unwrap_causal_lm
 
 __all__ = ["importance_scores", "importance_token_weights", "last_valid_index"]
@@ -49,7 +50,7 @@ def importance_scores(
     attention_mask: Optional[torch.Tensor] = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
-    """Attribution scores ``I (R, T)`` for every input token (METHODS.md §3 step 1).
+    """Attribution scores ``I (R, T)`` for every input token (docs/methods.md §3 step 1).
 
     Args:
         model: the policy (a ``*ForCausalLM``, PEFT-wrapped or not). Temporarily put in eval mode;
@@ -66,21 +67,16 @@ def importance_scores(
         attention_mask = torch.ones_like(input_ids)
     inner = unwrap_causal_lm(model)
     embed = inner.get_input_embeddings()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            embeds = embed(input_ids).detach().requires_grad_(True)
-            hidden = causal_lm_hidden_states(inner, None, attention_mask, inputs_embeds=embeds, **model_kwargs)
-            hidden = hidden[:, -input_ids.shape[1]:]  # prompt-learning PEFT prepends virtual tokens
-            last = last_valid_index(attention_mask)
-            h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (R, D)
-            with gathered_lm_head(inner) as head:
-                z = head.logits(h_last)  # (R, V): the last position only
-                target = z.float().amax(dim=-1).sum()
-                (grad,) = torch.autograd.grad(target, embeds, allow_unused=False)
-    finally:
-        model.train(was_training)
+    with eval_mode(model, grad=True):
+        embeds = embed(input_ids).detach().requires_grad_(True)
+        hidden = causal_lm_hidden_states(inner, None, attention_mask, inputs_embeds=embeds, **model_kwargs)
+        hidden = hidden[:, -input_ids.shape[1]:]  # prompt-learning PEFT prepends virtual tokens
+        last = last_valid_index(attention_mask)
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (R, D)
+        with gathered_lm_head(inner) as head:
+            z = head.logits(h_last)  # (R, V): the last position only
+            target = z.float().amax(dim=-1).sum()
+            (grad,) = torch.autograd.grad(target, embeds, allow_unused=False)
     scores = grad.detach().float().abs().sum(dim=-1)
     return torch.where(attention_mask.to(torch.bool), scores, torch.zeros_like(scores))
 

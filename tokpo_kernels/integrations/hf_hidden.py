@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from tokpo_kernels.distributed.sharded_weights import check_shard0_on_1d_mesh, gather_data_parallel
+from tokpo_kernels.integrations._hf_utils import is_peft
 
 __all__ = [
     "LMHead",
@@ -132,7 +133,7 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     for _ in range(16):
         if _is_distributed_wrapper(model):
             model = model.module
-        elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
+        elif is_peft(model):
             active = getattr(model, "active_peft_config", None)
             if getattr(active, "is_prompt_learning", False):
                 raise NotImplementedError(
@@ -172,7 +173,8 @@ def _resolve_linear(module: nn.Module) -> tuple:
             return _resolve_linear(module.modules_to_save[active[0]])
         return _resolve_linear(module.original_module)
     # PEFT LoRA layer on the lm-head itself: W + Σ ΔW over the active, unmerged adapters.
-    if hasattr(module, "base_layer") and hasattr(module, "lora_A") and callable(getattr(module, "get_delta_weight", None)):
+    is_lora = hasattr(module, "base_layer") and hasattr(module, "lora_A")
+    if is_lora and callable(getattr(module, "get_delta_weight", None)):
         weight, bias = _resolve_linear(module.base_layer)
         if getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
             return weight, bias

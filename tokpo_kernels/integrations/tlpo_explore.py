@@ -1,4 +1,4 @@
-"""TLPO data pipeline: on-policy samples → confusion points → explored candidate groups (METHODS.md §4).
+"""TLPO data pipeline: on-policy samples → confusion points → explored candidate groups (docs/methods.md §4).
 
 Steps 1–4 of TLPO, none of which is a loss:
 
@@ -28,10 +28,18 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from tokpo_kernels.integrations._hf_utils import (
+    common_prefix_len,
+    eos_ids,
+    eval_mode,
+    pad_left,
+    pad_right,
+    tokenizer_pad_id,
+)
 from tokpo_kernels.integrations.hf_hidden import causal_lm_hidden_states, gathered_lm_head
 from tokpo_kernels.integrations.tlpo_language import (
     LanguageChecker,
@@ -111,17 +119,6 @@ class TLPOGroup:
 # helpers
 
 
-@contextlib.contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -137,60 +134,17 @@ def _ids(x: Prompt, tokenizer: Any) -> List[int]:
     return [int(t) for t in x]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None)
-    if pad is None:
-        raise ValueError("the tokenizer needs a pad_token_id or an eos_token_id for batching")
-    return int(pad)
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> List[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
-
-
-def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _right_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _new_text(tokenizer: Any, before: Sequence[int], after: Sequence[int]) -> str:
     """Text that ``after`` (which extends ``before``) adds when decoded, prefix-relative."""
     old = tokenizer.decode(list(before), skip_special_tokens=True)
     new = tokenizer.decode(list(after), skip_special_tokens=True)
-    if new.startswith(old):
-        return new[len(old):]
-    n = 0
-    while n < min(len(old), len(new)) and old[n] == new[n]:
-        n += 1
-    return new[n:]
+    return new[common_prefix_len(old, new):]
 
 
-def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any, **kwargs: Any) -> torch.Tensor:
+def _generate(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any, **kwargs: Any
+              ) -> torch.Tensor:
     """``model.generate`` returning only the new tokens ``(B, new)``."""
-    out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=_pad_id(tokenizer), **kwargs)
+    out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=tokenizer_pad_id(tokenizer), **kwargs)
     return out[:, ids.shape[1]:]
 
 
@@ -230,18 +184,18 @@ def sample_responses(
     ``top_p=1`` sample from the full temperature-scaled distribution.
     """
     device = _model_device(model)
-    pad = _pad_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer_pad_id(tokenizer)
+    eos = eos_ids(model, tokenizer=tokenizer)
     prompt_ids = [_ids(p, tokenizer) for p in prompts]
     out: List[SampledResponse] = []
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if seed is not None \
         else contextlib.nullcontext()
-    with rng, _inference(model):
+    with rng, eval_mode(model):
         if seed is not None:
             torch.manual_seed(seed)
         for lo in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[lo: lo + batch_size]
-            ids, mask = _left_pad(chunk, pad, device)
+            ids, mask = pad_left(chunk, pad, device)
             new = _generate(
                 model, ids, mask, tokenizer, do_sample=True, temperature=float(temperature), top_k=top_k,
                 top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
@@ -276,8 +230,8 @@ def next_token_probs(model: torch.nn.Module, prefixes: Sequence[Sequence[int]], 
     positions); the lm-head is applied to the last row of each prefix only.
     """
     device = _model_device(model)
-    ids, mask = _right_pad(prefixes, pad_id, device)
-    with _inference(model):
+    ids, mask = pad_right(prefixes, pad_id, device)
+    with eval_mode(model):
         hidden = causal_lm_hidden_states(model, ids, mask)
         last = mask.sum(1) - 1
         rows = hidden[torch.arange(len(prefixes), device=device), last]
@@ -317,8 +271,8 @@ def explore_candidates(
     if not prefixes:
         return []
     device = _model_device(model)
-    pad = _pad_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer_pad_id(tokenizer)
+    eos = eos_ids(model, tokenizer=tokenizer)
     probs = next_token_probs(model, prefixes, pad_id=pad)
     k = min(int(num_candidates), probs.shape[-1])
     top_p, top_i = probs.topk(k, dim=-1)
@@ -326,12 +280,12 @@ def explore_candidates(
 
     per_batch = max(1, int(max_batch_sequences) // k)
     results: List[Dict[str, Any]] = []
-    with _inference(model):
+    with eval_mode(model):
         for lo in range(0, len(prefixes), per_batch):
             idx = list(range(lo, min(lo + per_batch, len(prefixes))))
             seqs = [list(prefixes[g]) + [int(t)] for g in idx for t in top_i[g].tolist()]
             if continue_tokens > 0:
-                ids, mask = _left_pad(seqs, pad, device)
+                ids, mask = pad_left(seqs, pad, device)
                 conts = _generate(model, ids, mask, tokenizer, do_sample=False, max_new_tokens=int(continue_tokens),
                                   temperature=None, top_k=None, top_p=None).tolist()
             else:
@@ -362,17 +316,13 @@ def build_groups(
     prompts: Sequence[Prompt],
     target: Union[Target, LanguageChecker],
     *,
-    num_samples: int = 8,
-    temperature: float = 0.6,
-    max_new_tokens: int = 64,
-    num_candidates: int = 16,
-    continue_tokens: int = 3,
-    drop_uniform: bool = True,
-    dedupe: bool = True,
+    num_samples: int = 8, temperature: float = 0.6, max_new_tokens: int = 64,  # step 1: sampling
+    num_candidates: int = 16, continue_tokens: int = 3,  # steps 2-4: exploration
+    drop_uniform: bool = True, dedupe: bool = True,  # which groups are kept
     seed: Optional[int] = None,
     ignore_ascii: bool = True,
 ) -> Tuple[List[TLPOGroup], Dict[str, float]]:
-    """TLPO groups from on-policy samples of ``prompts`` (METHODS.md §4 steps 1–4).
+    """TLPO groups from on-policy samples of ``prompts`` (docs/methods.md §4 steps 1–4).
 
     Samples ``num_samples`` responses per prompt at ``temperature``, keeps those with a confusion
     point, and explores ``num_candidates`` candidates at each update position.
@@ -409,7 +359,7 @@ def build_groups(
                                   num_candidates=num_candidates, continue_tokens=continue_tokens)
     groups: List[TLPOGroup] = []
     uniform = 0
-    for s, prefix, ex in zip(kept, prefixes, explored):
+    for s, prefix, ex in zip(kept, prefixes, explored, strict=True):
         group = TLPOGroup(
             prefix_ids=torch.as_tensor(prefix, dtype=torch.long), prompt_len=len(s.prompt_ids),
             candidates=ex["candidates"], probs=ex["probs"], rewards=ex["rewards"], advantages=ex["advantages"],

@@ -1,4 +1,4 @@
-"""Script-based language-confusion checker for TLPO (METHODS.md §4, step 1).
+"""Script-based language-confusion checker for TLPO (docs/methods.md §4, step 1).
 
 TLPO detects *language confusion* with a rule, not a model: walk the characters of a response and
 report the first **letter** whose Unicode script is not one of the target language's scripts.
@@ -6,10 +6,10 @@ Punctuation, digits, symbols, emoji, whitespace and combining marks are never le
 ASCII letters are ignored by default (code, URLs, units and Latin acronyms are common and legitimate
 inside e.g. Korean or Chinese answers) — unless the target itself is written in Latin script.
 
-Pure Python, standard library only (``unicodedata`` + a code-point range table), no tokenizer and no
-torch. The two helpers at the bottom map the confusion character offset to a token index with a
-tokenizer's offsets (``return_offsets_mapping=True`` of a fast tokenizer, or
-:func:`decoded_token_offsets` for generated ids) and give the update position ``u = c − 1``.
+Pure Python (``unicodedata`` + a code-point range table): no tokenizer and no tensors. The two
+helpers at the bottom map the confusion character offset to a token index with a tokenizer's offsets
+(``return_offsets_mapping=True`` of a fast tokenizer, or :func:`decoded_token_offsets` for generated
+ids) and give the update position ``u = c − 1``.
 
 Example::
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 import bisect
 import unicodedata
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+from tokpo_kernels.integrations._hf_utils import common_prefix_len
 
 __all__ = [
     "LanguageChecker",
@@ -195,7 +197,7 @@ class LanguageChecker:
 
     Args:
         target: language or script(s), see :func:`target_scripts`.
-        ignore_ascii: ignore ASCII letters ``a–z A–Z`` (default ``True``, METHODS.md §4). Has no
+        ignore_ascii: ignore ASCII letters ``a–z A–Z`` (default ``True``, docs/methods.md §4). Has no
             effect when the target includes Latin script (ASCII letters are then in-language).
         extra_ignored: characters never counted as confusion (e.g. ``"ー"``).
 
@@ -303,22 +305,8 @@ def decoded_token_offsets(tokenizer, token_ids: Sequence[int], *, skip_special_t
         part = full.rstrip("\ufffd")
         # The decoded prefix may differ from a prefix of ``text`` in whitespace cleanup; the common
         # prefix length keeps spans monotone and inside ``text``.
-        end = max(_common_prefix_len(part, text), prev)
+        end = max(common_prefix_len(part, text), prev)
         pending = len(part) < len(full) and end < len(text)  # ends inside a multi-byte character
         offsets.append((prev, end + 1 if pending else end))
         prev = end
     return text, offsets
-
-
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

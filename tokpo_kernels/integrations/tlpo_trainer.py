@@ -1,6 +1,6 @@
 """TLPO training: one hidden row per group, ``tk.tlpo_loss``, and a ``transformers.Trainer`` wrapper.
 
-What a TLPO update does (METHODS.md §4): every group (built by
+What a TLPO update does (docs/methods.md §4): every group (built by
 :func:`~tokpo_kernels.integrations.tlpo_explore.build_groups`) is a prefix ending at its update
 position ``u`` plus K candidate ids with advantages. All K candidates share the prefix, so:
 
@@ -35,12 +35,16 @@ from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 import torch
 
 from tokpo_kernels._types import LossOutput
-from tokpo_kernels.integrations.hf_hidden import causal_lm_hidden_states, gathered_lm_head, lm_head_params
+from tokpo_kernels.functional import linear_vocab_stats
+from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, pad_right, tokenizer_pad_id
+from tokpo_kernels.integrations.hf_hidden import causal_lm_hidden_states, gathered_lm_head
 from tokpo_kernels.integrations.tlpo_explore import TLPOGroup, build_groups
 from tokpo_kernels.integrations.tlpo_language import LanguageChecker, Target
 from tokpo_kernels.losses.tlpo import tlpo_loss
 
-__all__ = ["TLPOTrainer", "collate_groups", "frozen_reference", "tlpo_group_loss", "tlpo_train_step"]
+# TLPOTrainer is resolved by the module __getattr__ below (PEP 562), so that importing this module
+# never imports transformers; ruff cannot see that.
+__all__ = ["TLPOTrainer", "collate_groups", "frozen_reference", "tlpo_group_loss", "tlpo_train_step"]  # noqa: F822
 
 
 def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
@@ -51,7 +55,7 @@ def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
     return ref
 
 
-def collate_groups(groups: Sequence[TLPOGroup], *, pad_id: int = 0, ignore_index: int = -100,
+def collate_groups(groups: Sequence[TLPOGroup], *, pad_id: int = 0, ignore_index: int = IGNORE_INDEX,
                    device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
     """Right-pad the groups' prefixes into one batch.
 
@@ -61,22 +65,11 @@ def collate_groups(groups: Sequence[TLPOGroup], *, pad_id: int = 0, ignore_index
     """
     if not groups:
         raise ValueError("collate_groups: got no groups")
-    g = len(groups)
-    width = max(int(x.prefix_ids.numel()) for x in groups)
-    k = max(int(x.candidates.numel()) for x in groups)
-    ids = torch.full((g, width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((g, width), dtype=torch.long)
-    cand = torch.full((g, k), int(ignore_index), dtype=torch.long)
-    adv = torch.zeros((g, k), dtype=torch.float32)
-    for i, x in enumerate(groups):
-        n, kk = int(x.prefix_ids.numel()), int(x.candidates.numel())
-        ids[i, :n] = x.prefix_ids
-        mask[i, :n] = 1
-        cand[i, :kk] = x.candidates
-        adv[i, :kk] = x.advantages.float()
+    ids, mask = pad_right([x.prefix_ids for x in groups], int(pad_id), device)
+    cand, _ = pad_right([x.candidates for x in groups], int(ignore_index), device)
+    adv, _ = pad_right([x.advantages for x in groups], 0.0, device, dtype=torch.float32)
     positions = mask.sum(1) - 1
-    out = {"input_ids": ids, "attention_mask": mask, "positions": positions, "candidates": cand, "advantages": adv}
-    return {name: t.to(device) for name, t in out.items()} if device is not None else out
+    return {"input_ids": ids, "attention_mask": mask, "positions": positions, "candidates": cand, "advantages": adv}
 
 
 def _rows(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -94,7 +87,7 @@ def tlpo_group_loss(
     eps_high: float = 0.2,
     old_logp: Optional[torch.Tensor] = None,
     pad_id: int = 0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
 ) -> LossOutput:
     """``tk.tlpo_loss`` on one hidden row per group (policy with grad, reference without).
@@ -159,16 +152,16 @@ def tlpo_train_step(
     if not groups:
         return {}
     device = next(policy.parameters()).device
-    batch = collate_groups(groups, pad_id=pad_id, device=device)
+    batch = collate_groups(groups, pad_id=pad_id, ignore_index=IGNORE_INDEX, device=device)
     was_training = policy.training
     policy.train()
     first: Dict[str, float] = {}
     try:
         # One step: old_logp = detached current (ρ ≡ 1, the reference code). Several: frozen before step 1.
-        old_logp = _candidate_logp(policy, batch, -100, impl) if num_iterations > 1 else None
+        old_logp = _candidate_logp(policy, batch, IGNORE_INDEX, impl) if num_iterations > 1 else None
         for it in range(max(1, int(num_iterations))):
             out = tlpo_group_loss(policy, ref, batch, kl_beta=kl_beta, eps_low=eps_low, eps_high=eps_high,
-                                  old_logp=old_logp, impl=impl)
+                                  old_logp=old_logp, ignore_index=IGNORE_INDEX, impl=impl)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             if max_grad_norm is not None:
@@ -184,11 +177,10 @@ def tlpo_train_step(
 
 def _candidate_logp(policy: torch.nn.Module, batch: Dict[str, torch.Tensor], ignore_index: int, impl: str
                     ) -> torch.Tensor:
-    """Detached ``(G, K)`` log-probs of the candidates under the current policy (``old_logp``)."""
-    from tokpo_kernels.functional import linear_vocab_stats
+    """Detached ``(G, K)`` log-probs of the candidates under the current policy (``old_logp``).
 
-    with torch.no_grad():
-        head = lm_head_params(policy)
+    The head goes through ``gathered_lm_head`` like the loss's, so a sharded head is read whole."""
+    with torch.no_grad(), gathered_lm_head(policy) as head:
         stats = linear_vocab_stats(_rows(policy, batch), head.weight, batch["candidates"],
                                    ignore_index=ignore_index, impl=impl, **head.loss_kwargs())
     return stats.logp.detach()
@@ -274,15 +266,10 @@ def _build_trainer_class():
             self.add_callback(_RefreshReference(self))
 
         def refresh_reference(self) -> None:
-            """Copy the current policy weights into the reference (METHODS.md §4: every epoch)."""
+            """Copy the current policy weights into the reference (docs/methods.md §4: every epoch)."""
             policy = self.accelerator.unwrap_model(self.model)
             self.ref_model.load_state_dict(policy.state_dict())
             self.ref_model.eval().requires_grad_(False)
-
-        def _pad_id(self) -> int:
-            tok = self.processing_class
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            return int(pad if pad is not None else 0)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             policy = self.accelerator.unwrap_model(model)
@@ -293,7 +280,8 @@ def _build_trainer_class():
             if not groups:
                 loss = torch.zeros((), device=self.args.device, requires_grad=True)
                 return (loss, None) if return_outputs else loss
-            out = tlpo_group_loss(model, self.ref_model, groups, pad_id=self._pad_id(), **self.loss_kwargs)
+            pad = tokenizer_pad_id(self.processing_class, default=0)
+            out = tlpo_group_loss(model, self.ref_model, groups, pad_id=pad, **self.loss_kwargs)
             for name, value in out.metrics.items():
                 self._tlpo_metrics[name].append(float(value))
             return (out.loss, out) if return_outputs else out.loss

@@ -1,5 +1,5 @@
 """``TDPOTrainer`` and ``TIDPOTrainer``: TRL ``DPOTrainer`` subclasses that train with ``tk.tdpo_loss`` /
-``tk.tidpo_loss`` (METHODS.md §2–3) on the lm-head inputs, never materialising logits.
+``tk.tidpo_loss`` (docs/methods.md §2–3) on the lm-head inputs, never materialising logits.
 
 Written against TRL 1.16 (``pip install tokpo_kernels[trl]``). Everything of ``DPOTrainer`` is kept —
 dataset preparation and tokenisation, ``DataCollatorForPreference``, PEFT handling, the reference
@@ -9,15 +9,16 @@ public ``Trainer`` hook that TRL 1.16's ``DPOTrainer.compute_loss`` uses to call
 ``completion_mask``, each ``(2B, T)``, right-padded, rows ``[chosen; rejected]``. From it:
 
 - ``targets = input_ids.masked_fill(completion_mask == 0, -100)[:, 1:]``;
-- the policy's final hidden states ``[:, :-1]`` from :func:`~tokpo_kernels.integrations.hf_hidden.causal_lm_hidden_states`
-  and its lm-head (weight, bias, Gemma softcap) from ``gathered_lm_head``;
+- the policy's final hidden states ``[:, :-1]`` from
+  :func:`~tokpo_kernels.integrations.hf_hidden.causal_lm_hidden_states` and its lm-head (weight, bias,
+  Gemma softcap) from ``gathered_lm_head``;
 - the reference's, under ``torch.no_grad()``: ``ref_model``, or — for a PEFT policy without a
   ``ref_model`` — the same model with its adapter disabled (or TRL's ``"ref"`` adapter), as TRL does.
 
 ``DPOConfig.beta`` is β. Per-pair metrics are gathered across processes and logged as their mean
 under TRL's names: ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` plus ``kl/chosen``, ``kl/rejected``,
-``kl/margin`` (and ``triplet_loss`` for TI-DPO). Note METHODS.md's reward includes the KL:
+``kl/margin`` (and ``triplet_loss`` for TI-DPO). Note docs/methods.md's reward includes the KL:
 ``rewards/* = β(M + K)``.
 
 ``DPOConfig`` fields that select *other* DPO losses (``loss_type``, ``loss_weights``, ``ld_alpha``,
@@ -54,6 +55,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
     ) from err
 
 import tokpo_kernels as tk
+from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, is_peft
 from tokpo_kernels.integrations.anchors import generate_anchors, prompts_from_preference_batch
 from tokpo_kernels.integrations.attribution import importance_scores, importance_token_weights
 from tokpo_kernels.integrations.hf_hidden import (
@@ -62,20 +64,17 @@ from tokpo_kernels.integrations.hf_hidden import (
     frozen_lm_head,
     gathered_lm_head,
 )
+from tokpo_kernels.losses.tdpo import TDPO_VARIANTS
+from tokpo_kernels.losses.tidpo import TIDPO_PREFERENCES
 
 __all__ = ["TDPOTrainer", "TIDPOTrainer"]
 
-IGNORE_INDEX = -100
 _NON_MODEL_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 # DPOConfig fields that choose another DPO loss, with their defaults.
 _IGNORED_DPO_FIELDS = {
     "loss_type": ["sigmoid"], "loss_weights": None, "ld_alpha": None, "f_divergence_type": "reverse_kl",
     "label_smoothing": 0.0, "use_weighting": False,
 }
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return type(model).__name__.startswith("Peft") and hasattr(model, "peft_config")
 
 
 def _pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -90,11 +89,7 @@ class _TokenLevelDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "tokpo_kernels"]
 
     def __init__(
-        self,
-        model: Any,
-        ref_model: Optional[nn.Module] = None,
-        args: Optional[DPOConfig] = None,
-        *,
+        self, model: Any, ref_model: Optional[nn.Module] = None, args: Optional[DPOConfig] = None, *,
         loss_impl: str = "auto",
         **kwargs: Any,
     ) -> None:
@@ -111,7 +106,7 @@ class _TokenLevelDPOTrainer(DPOTrainer):
                     UserWarning, stacklevel=3,
                 )
         if (ref_model is None and isinstance(model, nn.Module) and kwargs.get("peft_config") is None
-                and not _is_peft(model)):
+                and not is_peft(model)):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.loss_impl = loss_impl
         super().__init__(model, ref_model, args, **kwargs)
@@ -148,7 +143,7 @@ class _TokenLevelDPOTrainer(DPOTrainer):
         return hidden[:, -input_ids.shape[1]:][:, :-1]  # drop prompt-learning virtual tokens, then shift
 
     def _reference_context(self):
-        if self.ref_model is None and _is_peft(self.accelerator.unwrap_model(self.model)):
+        if self.ref_model is None and is_peft(self.accelerator.unwrap_model(self.model)):
             unwrapped = self.accelerator.unwrap_model(self.model)
             return self.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         if self.ref_model is None:
@@ -208,7 +203,7 @@ class _TokenLevelDPOTrainer(DPOTrainer):
 
 
 class TDPOTrainer(_TokenLevelDPOTrainer):
-    """TRL ``DPOTrainer`` training with TDPO (``tk.tdpo_loss``; METHODS.md §2).
+    """TRL ``DPOTrainer`` training with TDPO (``tk.tdpo_loss``; docs/methods.md §2).
 
     ``TDPOTrainer(model, ref_model=None, args=DPOConfig(beta=0.1, ...), tdpo_alpha=0.5,
     tdpo_variant="tdpo2", loss_impl="auto", train_dataset=..., processing_class=..., ...)``
@@ -219,21 +214,12 @@ class TDPOTrainer(_TokenLevelDPOTrainer):
         loss_impl: ``impl`` of the fused statistics (``"auto"`` | ``"triton"`` | ``"torch"`` | ``"naive"``).
     """
 
-    _name = "TDPO"
-
     def __init__(
-        self,
-        model: Any,
-        ref_model: Optional[nn.Module] = None,
-        args: Optional[DPOConfig] = None,
-        *,
-        tdpo_alpha: float = 0.5,
-        tdpo_variant: str = "tdpo2",
-        loss_impl: str = "auto",
-        **kwargs: Any,
+        self, model: Any, ref_model: Optional[nn.Module] = None, args: Optional[DPOConfig] = None, *,
+        tdpo_alpha: float = 0.5, tdpo_variant: str = "tdpo2", loss_impl: str = "auto", **kwargs: Any,
     ) -> None:
-        if tdpo_variant not in ("tdpo1", "tdpo2"):
-            raise ValueError(f"tdpo_variant: expected 'tdpo1' or 'tdpo2', got {tdpo_variant!r}")
+        if tdpo_variant not in TDPO_VARIANTS:
+            raise ValueError(f"tdpo_variant: expected one of {TDPO_VARIANTS}, got {tdpo_variant!r}")
         self.tdpo_alpha = float(tdpo_alpha)
         self.tdpo_variant = tdpo_variant
         super().__init__(model, ref_model, args, loss_impl=loss_impl, **kwargs)
@@ -254,7 +240,7 @@ class TDPOTrainer(_TokenLevelDPOTrainer):
 
 
 class TIDPOTrainer(_TokenLevelDPOTrainer):
-    """TRL ``DPOTrainer`` training with TI-DPO (``tk.tidpo_loss``; METHODS.md §3).
+    """TRL ``DPOTrainer`` training with TI-DPO (``tk.tidpo_loss``; docs/methods.md §3).
 
     Per batch: (1) the attribution pass (``importance_scores``: gradient of the last position's max
     logit w.r.t. the input embeddings, L1 over hidden, eval mode, no parameter gradients) turned
@@ -282,14 +268,8 @@ class TIDPOTrainer(_TokenLevelDPOTrainer):
         loss_impl: ``impl`` of the fused statistics.
     """
 
-    _name = "TI-DPO"
-
     def __init__(
-        self,
-        model: Any,
-        ref_model: Optional[nn.Module] = None,
-        args: Optional[DPOConfig] = None,
-        *,
+        self, model: Any, ref_model: Optional[nn.Module] = None, args: Optional[DPOConfig] = None, *,
         tidpo_alpha: float = 0.5,
         tidpo_gamma: float = 0.1,
         tidpo_margin: float = 0.01,
@@ -308,8 +288,8 @@ class TIDPOTrainer(_TokenLevelDPOTrainer):
         loss_impl: str = "auto",
         **kwargs: Any,
     ) -> None:
-        if tidpo_preference not in ("tdpo2", "dpo"):
-            raise ValueError(f"tidpo_preference: expected 'tdpo2' or 'dpo', got {tidpo_preference!r}")
+        if tidpo_preference not in TIDPO_PREFERENCES:
+            raise ValueError(f"tidpo_preference: expected one of {TIDPO_PREFERENCES}, got {tidpo_preference!r}")
         if tidpo_importance_span not in ("all", "response"):
             raise ValueError(f"tidpo_importance_span: expected 'all' or 'response', got {tidpo_importance_span!r}")
         self.tidpo_alpha = float(tidpo_alpha)

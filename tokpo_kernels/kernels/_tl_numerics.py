@@ -1,4 +1,6 @@
-"""Triton-side numerics shared by the kernels (the PyTorch twin is ``tokpo_kernels/numerics.py``).
+"""Triton-side numerics shared by the kernels (the PyTorch twin is ``tokpo_kernels/numerics.py``):
+the logit tile and its transform, the online-softmax updates of the forward, and the universal
+gradient ``dz_tile`` of the backward.
 
 Policy: fp32 accumulators for logits and statistics, int64 row offsets, -inf for masked columns in
 max reductions and 0 in sums (selected with ``tl.where`` so that ``0·(−inf)`` never forms a NaN).
@@ -64,6 +66,7 @@ def logit_tile(
             # The Triton 3.9 interpreter miscomputes tl.dot on bf16 operands: upcast there only.
             h = h.to(tl.float32)
             w = w.to(tl.float32)
+        # [BLOCK_N, BLOCK_D] @ [BLOCK_D, BLOCK_V] -> [BLOCK_N, BLOCK_V], accumulated in fp32
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -125,6 +128,51 @@ def store_target_logits(z, tgt_ptr, out_ptr, rows, row_mask, offs_v, col_mask, J
         val = tl.sum(tl.where(hit, z, 0.0), 1)
         found = tl.max(hit.to(tl.int32), 1) > 0
         tl.store(out_ptr + rows * J + j, val, mask=row_mask & found)
+
+
+# The universal gradient (docs/methods.md §1). With p = softmax(z), ℓ = log p = z − lse,
+# q = softmax(z_ref) (fixed) and per-row cotangents of lse, KL, H and Σ_v z_v:
+#
+#     ∂lse/∂z = p      ∂KL/∂z = p − q      ∂H/∂z = −p ⊙ (ℓ + H)      ∂(Σ_v z_v)/∂z = 1
+#
+# (∂ℓ_v/∂z_k = δ_vk − p_k and ∂p_v/∂z_k = p_v (δ_vk − p_k). H = −Σ p ℓ: the p ∂ℓ part sums to 0,
+#  leaving −Σ_v p_v (δ_vk − p_k) ℓ_v = −p_k ℓ_k − p_k H. KL = Σ q (ℓ_ref − ℓ): −Σ_v q_v (δ_vk − p_k)
+#  = p_k − q_k.) So
+#
+#     ∂L/∂z = (g_lse + g_kl)·p − g_kl·q − g_H·p ⊙ (ℓ + H) + g_Σ
+#
+# with g_p = g_lse + g_kl folded by the caller. The target terms Σ_j g_j·e_{y_j} are sparse and
+# scattered separately (target_grad_tile), as in the torch twin numerics.universal_dz_.
+
+
+@triton.jit
+def dz_tile(
+    logp, g_p, ent, g_ent, logq, g_kl, g_sum, tile_mask,
+    USE_ENTROPY: tl.constexpr, USE_Q: tl.constexpr, USE_SUM: tl.constexpr,
+):
+    """``∂L/∂z`` on a (BLOCK_N, BLOCK_V) tile, without the target term (Triton twin of
+    ``numerics.universal_dz_``; derivation above).
+
+    ``logp`` / ``logq``: the policy / reference log-probability tiles; ``g_p = g_lse + g_kl``,
+    ``ent``, ``g_ent``, ``g_kl``, ``g_sum``: per-row (BLOCK_N,) vectors; arguments of a disabled
+    term are not read. Returns ``(dz, peak)``: 0 outside ``tile_mask``, and the largest ``p``
+    (and ``q``) of the tile, which decides whether ``filter_eps`` may skip it.
+    """
+    p = tl.where(tile_mask, tl.exp(logp), 0.0)
+    dz = p * g_p[:, None]
+    peak = tl.max(p)
+    if USE_ENTROPY:
+        # A masked logit (ℓ = −inf, p = 0) contributes nothing, not 0·inf = NaN.
+        dz -= tl.where(p > 0.0, g_ent[:, None] * p * (logp + ent[:, None]), 0.0)
+    if USE_Q:
+        q = tl.where(tile_mask, tl.exp(logq), 0.0)
+        dz -= g_kl[:, None] * q
+        peak = tl.maximum(peak, tl.max(q))
+    if USE_SUM:
+        # Uniform over every vocabulary column, −inf (masked-vocabulary) logits included: Σ_v z_v
+        # counts them, as the torch twin does.
+        dz += tl.where(tile_mask, g_sum[:, None], 0.0)
+    return dz, peak
 
 
 @triton.jit

@@ -1,16 +1,10 @@
 """Backward kernel: ``∂hidden``, ``∂weight``, ``∂bias`` from per-token cotangents, no (N, V) tensor.
 
-Gradient derivation (METHODS.md §1). With ``p = softmax(z)``, ``q = softmax(z_ref)`` (fixed),
-``ℓ = log p`` and the per-token statistics
+Per token, the cotangents ``g_lse, g_j, g_kl, g_H, g_Σ`` of ``lse``, the target logits ``z_{y_j}``,
+``KL(ref || policy)``, the entropy and ``Σ_v z_v`` give the universal gradient (``docs/methods.md``
+§1; derived above ``_tl_numerics.dz_tile``)::
 
-    lse = log Σ_v e^{z_v}            ∂lse/∂z = p
-    z_{y_j}  (target logit j)        ∂z_{y_j}/∂z = e_{y_j}
-    KL  = Σ_v q_v (ℓ_ref,v − ℓ_v)    ∂KL/∂z = p − q
-    H   = −Σ_v p_v ℓ_v               ∂H/∂z = −p ⊙ (ℓ + H)
-
-the chain rule with cotangents ``g_lse, g_j, g_kl, g_H`` gives, per token,
-
-    dz = (g_lse + g_kl)·p − g_kl·q + Σ_j g_j·e_{y_j} − g_H·p ⊙ (ℓ + H)
+    dz = (g_lse + g_kl)·p − g_kl·q + Σ_j g_j·e_{y_j} − g_H·p ⊙ (ℓ + H) + g_Σ
 
 and through the logit transform ``z = c·tanh(r/c)/T`` of the raw logits ``r = h Wᵀ + b``:
 ``dr = dz·(1 − tanh²(r/c))/T``. Finally ``∂h = dr·W``, ``∂W = drᵀ·h``, ``∂b = Σ_rows dr``.
@@ -36,21 +30,22 @@ import torch
 import triton
 import triton.language as tl
 
-from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
+    dz_tile,
     logit_tile,
-    target_grad_tile,
     tanh_f32,
+    target_grad_tile,
     transform_logits,
 )
+from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
 
 
 @triton.jit(do_not_specialize=["N"])
 def _backward_kernel(
     h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr,
     tgt_ptr, row_index_ptr, n_valid_ptr,
-    lse_ptr, ref_lse_ptr, ent_ptr, g_lse_ptr, g_tgt_ptr, g_kl_ptr, g_ent_ptr,
+    lse_ptr, ref_lse_ptr, ent_ptr, g_lse_ptr, g_tgt_ptr, g_kl_ptr, g_ent_ptr, g_sum_ptr,
     dh_ptr, dw_ptr, db_ptr,
     N, V, D, D_REF, J,
     stride_hn, stride_hd, stride_wv, stride_wd,
@@ -58,7 +53,7 @@ def _backward_kernel(
     stride_tn, stride_tj,
     inv_temperature, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    USE_Q: tl.constexpr, USE_ENTROPY: tl.constexpr, FILTER: tl.constexpr,
+    USE_Q: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_SUM: tl.constexpr, FILTER: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
@@ -89,34 +84,34 @@ def _backward_kernel(
     z = transform_logits(raw, inv_temperature, softcap, HAS_SOFTCAP)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     logp = z - lse[:, None]
-    p = tl.where(tile_mask, tl.exp(logp), 0.0)
-    coef = tl.load(g_lse_ptr + rows, mask=row_mask, other=0.0)
+    # Rows past n_valid load 0 for every per-row input below, so their dz is 0 before the final mask.
+    g_p = tl.load(g_lse_ptr + rows, mask=row_mask, other=0.0)
+    g_kl = g_p  # placeholder operands of disabled terms: dz_tile never reads them
+    logq = logp
+    ent = g_p
+    g_ent = g_p
+    g_sum = g_p
     if USE_Q:
         g_kl = tl.load(g_kl_ptr + rows, mask=row_mask, other=0.0)
-        coef += g_kl
-    dz = p * coef[:, None]
-    if USE_ENTROPY:
-        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
-        g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
-        # A masked logit (logp = -inf, p = 0) contributes nothing, not 0·inf = NaN.
-        dz -= tl.where(p > 0.0, g_ent[:, None] * p * (logp + ent[:, None]), 0.0)
-    if USE_Q:
+        g_p = g_p + g_kl
         zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
                         stride_rhn, stride_rhd, stride_rwv, stride_rwd,
                         HAS_REF_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         zr = transform_logits(zr, inv_temperature, softcap, HAS_SOFTCAP)
-        ref_lse = tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)
-        q = tl.where(tile_mask, tl.exp(zr - ref_lse[:, None]), 0.0)
-        dz -= g_kl[:, None] * q
+        logq = zr - tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    if USE_ENTROPY:
+        ent = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
+        g_ent = tl.load(g_ent_ptr + rows, mask=row_mask, other=0.0)
+    if USE_SUM:
+        g_sum = tl.load(g_sum_ptr + rows, mask=row_mask, other=0.0)
+    dz, peak = dz_tile(logp, g_p, ent, g_ent, logq, g_kl, g_sum, tile_mask, USE_ENTROPY, USE_Q, USE_SUM)
     dz, hits = target_grad_tile(dz, tgt_ptr, g_tgt_ptr, rows, row_mask, offs_v, J, stride_tn, stride_tj)
     if FILTER:
         # Opt-in approximation: a tile where every p (and q) is below filter_eps and that holds no
         # target contributes only terms below the dtype's resolution relative to the row's
-        # gradient mass; skip its two matmuls and all of its atomics.
-        small = tl.max(p) < filter_eps
-        if USE_Q:
-            small = small & (tl.max(q) < filter_eps)
-        if small & (hits == 0):
+        # gradient mass; skip its two matmuls and all of its atomics. (Never combined with USE_SUM:
+        # see launch_backward.)
+        if (peak < filter_eps) & (hits == 0):
             return
     if HAS_SOFTCAP:
         t = tanh_f32(raw / softcap)
@@ -139,6 +134,7 @@ def _backward_kernel(
             w = tl.load(w_cols + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
+            # [BLOCK_N, BLOCK_V] @ [BLOCK_V, BLOCK_D] -> [BLOCK_N, BLOCK_D]
             dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)
             tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh,
                           mask=row_mask[:, None] & d_mask[None, :])
@@ -146,6 +142,7 @@ def _backward_kernel(
             h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
+            # [BLOCK_V, BLOCK_N] @ [BLOCK_N, BLOCK_D] -> [BLOCK_V, BLOCK_D]
             dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
             tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * D + offs_d[None, :], dw,
                           mask=col_mask[:, None] & d_mask[None, :])
@@ -157,14 +154,19 @@ def launch_backward(
     targets: torch.Tensor, row_index: torch.Tensor, n_valid: torch.Tensor,
     lse: torch.Tensor, ref_lse: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
     g_lse: torch.Tensor, g_tgt: torch.Tensor, g_kl: Optional[torch.Tensor], g_entropy: Optional[torch.Tensor],
+    g_logit_sum: Optional[torch.Tensor],
     dh: Optional[torch.Tensor], dw: Optional[torch.Tensor], db: Optional[torch.Tensor],
     *, inv_temperature: float, softcap: Optional[float], filter_eps: Optional[float], upcast: bool,
     dot_precision: str, block_n: int, block_v: int, block_d: int, group_n: int, num_warps: int, num_stages: int,
 ) -> None:
     """Accumulate into the zero-initialised fp32 buffers ``dh (N, D)``, ``dw (V, D)``, ``db (V,)``.
 
-    ``filter_eps`` (None: exact) skips tiles with every probability below it and no target.
+    ``filter_eps`` (None: exact) skips tiles with every probability below it and no target; it is
+    ignored when ``g_logit_sum`` is given.
     """
+    # A logit-sum cotangent puts g_Σ on every column, however small p is there, so no tile is
+    # ever negligible: the filter would drop real gradient. Exact mode then.
+    use_filter = bool(filter_eps) and g_logit_sum is None
     n, d = h.shape
     v = w.shape[0]
     use_q = g_kl is not None
@@ -185,15 +187,16 @@ def launch_backward(
         targets, row_index, n_valid,
         lse, ref_lse if use_q else dummy, entropy if g_entropy is not None else dummy,
         g_lse, g_tgt, g_kl if use_q else dummy, g_entropy if g_entropy is not None else dummy,
+        g_logit_sum if g_logit_sum is not None else dummy,
         dh if dh is not None else scratch, dw if dw is not None else scratch, db if db is not None else scratch,
         n, v, d, rh.shape[1] if use_q else d, targets.shape[1],
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         rh.stride(0) if use_q else 0, rh.stride(1) if use_q else 0,
         rw.stride(0) if use_q else 0, rw.stride(1) if use_q else 0,
         targets.stride(0), targets.stride(1),
-        inv_temperature, softcap if softcap is not None else 1.0, filter_eps if filter_eps else 0.0,
+        inv_temperature, softcap if softcap is not None else 1.0, filter_eps if use_filter else 0.0,
         HAS_BIAS=b is not None, HAS_REF_BIAS=use_q and rb is not None, HAS_SOFTCAP=softcap is not None,
-        USE_Q=use_q, USE_ENTROPY=g_entropy is not None, FILTER=bool(filter_eps),
+        USE_Q=use_q, USE_ENTROPY=g_entropy is not None, USE_SUM=g_logit_sum is not None, FILTER=use_filter,
         NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
         UPCAST=upcast, DOT_PRECISION=dot_precision, GROUP_N=group_n, **blocks,
     )

@@ -7,8 +7,9 @@ per-GPU-family configs in the benchmarking issue; autotuning stays opt-in.
 
 ``TOKPO_AUTOTUNE=1`` replaces the defaults by ``triton.autotune`` over ``tuning_space`` (keyed on
 V, D, D_ref and J; N is left out on purpose so a tuned config is reused across batch sizes).
-Every config of the space is compiled for sm_90 by ``tools/compile_for_cuda.py --space`` in CI,
-and rejected there if it needs more shared memory than an H100 has, so the space cannot rot.
+Every config of the space is compiled for sm_90 by ``tools/compile_for_cuda.py --space`` and
+rejected if it needs more shared memory than an H100 has, so the space cannot rot: CI does so for
+the bf16 space (``tests/test_cuda_codegen.py``); fp32's is ``--space --dtypes fp32``.
 
 Under the Triton interpreter the blocks are the smallest ``tl.dot`` accepts (16) so that tiny test
 shapes still cross several vocabulary tiles and hidden-dimension steps.

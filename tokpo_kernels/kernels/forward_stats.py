@@ -1,10 +1,12 @@
-"""Forward statistics kernel: per-token lse, target logits, entropy and KL(ref || policy).
+"""Forward statistics kernel: per-token lse, target logits, entropy, KL(ref || policy), row max and
+row sum of the logits.
 
 Grid: (row blocks, vocabulary splits). Each program streams the vocabulary tiles of its split for
 BLOCK_N compacted rows, computing ``h·Wᵀ`` (and ``h_ref·W_refᵀ``) tile by tile in fp32 and folding
 them into online accumulators (``_tl_numerics``); only O(rows) numbers reach memory. Splitting the
-vocabulary keeps the GPU busy when there are few rows (TLPO groups, short batches); the per-split
-partial accumulators are merged by ``combine_partials`` in PyTorch (O(splits·N) work).
+vocabulary keeps the GPU busy when there are few rows (TLPO groups, short batches); each split's
+accumulators become that split's local statistics (``split_stats``), which the one merge of
+per-part statistics (``tokpo_kernels.partials``) turns into global ones in PyTorch (O(splits·N)).
 
 Rows come through ``row_index`` (valid rows first) and ``n_valid`` lives on the device, so ignored
 tokens are skipped without a host sync: programs past ``n_valid`` return before any load.
@@ -19,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
-from tokpo_kernels.numerics import max_shift
+from tokpo_kernels._types import RawStats
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
     logit_tile,
@@ -29,12 +30,14 @@ from tokpo_kernels.kernels._tl_numerics import (
     store_target_logits,
     transform_logits,
 )
+from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
+from tokpo_kernels.partials import AxisReducer, merge_local_stats
 
-# Row of each statistic in the (NUM_PARTIALS, splits, N) partials buffer: Python ints for the
+# Plane of each accumulator in the (NUM_PARTIALS, splits, N) partials buffer: Python ints for the
 # host code, tl.constexpr twins because a compiled kernel may only read constexpr globals.
-_M, _S, _E, _MR, _SR, _A = range(6)
-P_M, P_S, P_E, P_MR, P_SR, P_A = (tl.constexpr(i) for i in range(6))
-NUM_PARTIALS = 6
+_M, _S, _E, _MR, _SR, _A, _ZSUM = range(7)
+P_M, P_S, P_E, P_MR, P_SR, P_A, P_ZSUM = (tl.constexpr(i) for i in range(7))
+NUM_PARTIALS = 7
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -48,7 +51,7 @@ def _forward_stats_kernel(
     stride_tn, stride_tj,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, NEED_KL: tl.constexpr, NEED_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NEED_KL: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SUM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -60,7 +63,7 @@ def _forward_stats_kernel(
         return
     rows, row_mask = compacted_rows(row_index_ptr, start, n_valid, BLOCK_N)
     # Splits own whole tiles; with a BLOCK_V chosen by the autotuner the last split may be empty
-    # (then its accumulators stay at their neutral values and combine_partials gives it weight 0).
+    # (then its accumulators stay at their neutral values and the merge gives it weight 0).
     v_per_split = tl.cdiv(tl.cdiv(V, NUM_SPLITS), BLOCK_V) * BLOCK_V
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
@@ -69,6 +72,9 @@ def _forward_stats_kernel(
     zero = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m, s, e = neg_inf, zero, zero
     mr, sr, a = neg_inf, zero, zero
+    # Σ z over the split's columns, a plain fp32 sum: it is linear in z, so unlike the exponential
+    # sums it needs no max shift. Columns past the split's end add 0.
+    zsum = zero
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_mask = offs_v < v_hi
@@ -76,6 +82,9 @@ def _forward_stats_kernel(
                        stride_hn, stride_hd, stride_wv, stride_wd,
                        HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         z = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
+        if NEED_SUM:
+            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+        # −inf outside the vocabulary: such columns never win the max and add exp(−inf) = 0.
         z = tl.where(col_mask[None, :], z, float("-inf"))
         store_target_logits(z, tgt_ptr, tgt_logit_ptr, rows, row_mask, offs_v, col_mask, J, stride_tn, stride_tj)
         m, s, e, dm = online_softmax_step(m, s, e, z, NEED_ENTROPY)
@@ -92,6 +101,7 @@ def _forward_stats_kernel(
             else:
                 mr, sr, a, _ = online_softmax_step(mr, sr, a, zr, False)
 
+    # Only the planes the flags ask for are written; split_stats reads exactly those.
     split_base = part_ptr + pid_s * N + rows
     plane = tl.num_programs(1) * N
     tl.store(split_base + P_M * plane, m, mask=row_mask)
@@ -103,6 +113,8 @@ def _forward_stats_kernel(
         tl.store(split_base + P_SR * plane, sr, mask=row_mask)
         if NEED_KL:
             tl.store(split_base + P_A * plane, a, mask=row_mask)
+    if NEED_SUM:
+        tl.store(split_base + P_ZSUM * plane, zsum, mask=row_mask)
 
 
 def launch_forward_stats(
@@ -111,10 +123,11 @@ def launch_forward_stats(
     targets: torch.Tensor, row_index: torch.Tensor, n_valid: torch.Tensor,
     tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], partials: torch.Tensor,
     *, splits: int, inv_temperature: float, softcap: Optional[float],
-    need_kl: bool, need_entropy: bool, upcast: bool, dot_precision: str,
+    need_kl: bool, need_entropy: bool, need_sum: bool, upcast: bool, dot_precision: str,
     block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int,
 ) -> None:
-    """Launch the forward kernel; every output buffer is written for the valid rows only."""
+    """Launch the forward kernel; every output buffer is written for the valid rows only (and
+    ``partials`` only in the planes the flags ask for)."""
     n, d = h.shape
     v = w.shape[0]
     has_ref = rh is not None
@@ -138,7 +151,7 @@ def launch_forward_stats(
         targets.stride(0), targets.stride(1),
         inv_temperature, softcap if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_REF=has_ref, HAS_REF_BIAS=rb is not None,
-        HAS_SOFTCAP=softcap is not None, NEED_KL=need_kl, NEED_ENTROPY=need_entropy,
+        HAS_SOFTCAP=softcap is not None, NEED_KL=need_kl, NEED_ENTROPY=need_entropy, NEED_SUM=need_sum,
         UPCAST=upcast, DOT_PRECISION=dot_precision, **blocks,
     )
 
@@ -157,42 +170,55 @@ def _autotuned_forward(dtype: torch.dtype):
     return triton.autotune(configs=configs, key=["V", "D", "D_REF", "J"])(_forward_stats_kernel)
 
 
-def _rebase(m: torch.Tensor, s: torch.Tensor):
-    """One distribution's per-split ``(m_s, s_s)`` on the global max ``M``: returns the weights
-    ``exp(m_s − M)``, the shifts ``M − m_s``, ``Σ w_s s_s``, its log and ``lse = M + log Σ w_s s_s``."""
-    # A row with no finite logit at all (a fully masked vocabulary shard) keeps lse = -inf.
-    big = max_shift(m.max(0).values)
-    wgt = torch.exp(m - big)
-    # An empty split (possible with autotuned blocks) has m = -inf and s = 0: its shift M − m = inf
-    # must not meet s = 0. Key on emptiness, not on a vanishing weight: a split whose policy max is
-    # far below M still carries reference mass in the KL term.
-    shift = torch.where(s > 0, big - m, torch.zeros_like(m))
-    total = (wgt * s).sum(0)
-    log_total = torch.log(total)
-    return wgt, shift, total, log_total, big + log_total
+def split_stats(
+    partials: torch.Tensor, *, has_ref: bool, need_kl: bool, need_entropy: bool, need_max: bool, need_sum: bool,
+) -> RawStats:
+    """Each split's accumulators as that split's local statistics, stacked on dim 0 (no target
+    logits: the kernel writes those directly). Reads only the planes the kernel wrote.
 
+    From the accumulators of ``_tl_numerics`` (all relative to the split's maxima ``m``, ``m_r``)::
 
-def combine_partials(partials: torch.Tensor, has_ref: bool, need_kl: bool, need_entropy: bool):
-    """Merge per-split accumulators into ``(lse, ref_lse, kl, entropy)`` (``None`` when absent).
+        lse_s = m + log s        H_s = log s − e/s
+        lse_q,s = m_r + log s_r  KL_s = a/s_r + log s − log s_r
+        max_s = m                Σ_s z = zsum
 
-    With per-split maxima ``m_s`` and ``M = max_s m_s`` (``w_s = exp(m_s − M)``)::
-
-        s = Σ w_s s_s,   e = Σ w_s (e_s − (M − m_s) s_s)
-        a = Σ α_s (a_s + s_r,s((M − m_s) − (M_r − m_r,s))),   α_s = exp(m_r,s − M_r)
-
-    which re-bases each split's terms on the global maxima (same algebra as the in-kernel update).
+    An empty split (``m = −inf``, ``s = 0``) gets ``lse_s = −inf`` and NaN entropy/KL, which the
+    merge selects away. The conversion runs in float64: ``lse_s`` carries the magnitude of the logits
+    while the merge works on differences ``lse_s − max_s lse_s``; in fp32 rounding each ``lse_s`` to
+    ``|lse_s|·2⁻²⁴`` (6e-4 at logits of 1e4) would add an error of the size of the kernel's own to
+    entropy and KL. In float64 the merge adds nothing measurable, at O(splits·N) cost.
     """
-    s = partials[_S]
-    wgt, shift, s_tot, log_s, lse = _rebase(partials[_M], s)
-    entropy = ref_lse = kl = None
-    if need_entropy:
-        e_tot = (wgt * (partials[_E] - shift * s)).sum(0)
-        entropy = log_s - e_tot / s_tot
+
+    def plane(i: int) -> torch.Tensor:
+        return partials[i].double()
+
+    m, s = plane(_M), plane(_S)
+    log_s = s.log()
+    entropy = log_s - plane(_E) / s if need_entropy else None
+    ref_lse = kl = None
     if has_ref:
-        sr = partials[_SR]
-        alpha, shift_r, sr_tot, log_sr, ref_lse = _rebase(partials[_MR], sr)
+        s_r = plane(_SR)
+        log_sr = s_r.log()
+        ref_lse = plane(_MR) + log_sr
         if need_kl:
-            a_tot = (alpha * (partials[_A] + sr * (shift - shift_r))).sum(0)
-            # Rounding can leave a tiny negative where KL is 0 mathematically; KL >= 0 by definition.
-            kl = (a_tot / sr_tot + log_s - log_sr).clamp_min(0.0)
-    return lse, ref_lse, kl, entropy
+            kl = plane(_A) / s_r + log_s - log_sr
+    return RawStats(
+        None, m + log_s, None, ref_lse, kl, entropy,
+        # The policy's row max is its running max m: max_logit costs nothing extra.
+        max_logit=m if need_max else None,
+        logit_sum=plane(_ZSUM) if need_sum else None,
+    )
+
+
+def merge_splits(
+    partials: torch.Tensor, tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], *,
+    has_ref: bool, need_kl: bool, need_entropy: bool, need_max: bool, need_sum: bool,
+) -> RawStats:
+    """The global fp32 statistics of the kernel's output: every split's local statistics merged by
+    ``tokpo_kernels.partials.merge_local_stats`` (target logits pass through)."""
+    local = split_stats(partials, has_ref=has_ref, need_kl=need_kl, need_entropy=need_entropy,
+                        need_max=need_max, need_sum=need_sum)
+    merged = merge_local_stats(local, AxisReducer())
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    return RawStats(tgt_logit, f32(merged.lse), ref_tgt_logit, f32(merged.ref_lse), f32(merged.kl),
+                    f32(merged.entropy), f32(merged.max_logit), f32(merged.logit_sum))

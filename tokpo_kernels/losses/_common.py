@@ -1,119 +1,16 @@
-"""Small helpers shared by every loss: argument checks, pair-batch splitting, masked reductions.
+"""Tensor helpers shared by the losses: pair-batch splitting, masked reductions, detached metrics.
 
-Everything here is shape/metadata logic or plain tensor arithmetic: no host synchronisation
-(``.item()``, data-dependent Python branches), so a loss built from these helpers stays sync-free.
-Errors are ``TypeError``/``ValueError`` that name what was expected and what was received.
+Plain tensor arithmetic without host synchronisation (``.item()``, data-dependent Python branches),
+so a loss built from these helpers stays sync-free. Argument checks live in ``tokpo_kernels._validation``.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from tokpo_kernels._validation import check_tensor  # one copy of the check; the losses import it from here too
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks
-# ---------------------------------------------------------------------------------------------
-
-
-def check_float_tensor(name: str, value: Any) -> torch.Tensor:
-    """``value`` must be a floating-point tensor; returns it."""
-    t = check_tensor(name, value)
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-    return t
-
-
-def check_number(
-    name: str,
-    value: Any,
-    *,
-    gt: Optional[float] = None,
-    ge: Optional[float] = None,
-    lt: Optional[float] = None,
-    le: Optional[float] = None,
-) -> float:
-    """``value`` must be a finite Python number within the given bounds; returns it as ``float``.
-
-    Tensors are rejected on purpose: a hyperparameter held in a tensor would need a host sync to
-    validate, and hyperparameters are runtime scalars in this library.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
-    v = float(value)
-    bounds = []
-    ok = math.isfinite(v)
-    if gt is not None:
-        bounds.append(f"> {gt:g}")
-        ok = ok and v > gt
-    if ge is not None:
-        bounds.append(f">= {ge:g}")
-        ok = ok and v >= ge
-    if lt is not None:
-        bounds.append(f"< {lt:g}")
-        ok = ok and v < lt
-    if le is not None:
-        bounds.append(f"<= {le:g}")
-        ok = ok and v <= le
-    if not ok:
-        what = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
-    return v
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` must be one of ``choices``; returns it."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
-    return value
-
-
-def check_shape(name: str, t: torch.Tensor, expected: Tuple[int, ...], hint: str = "") -> None:
-    """``t.shape`` must equal ``expected``."""
-    if tuple(t.shape) != tuple(expected):
-        extra = f" ({hint})" if hint else ""
-        raise ValueError(f"{name}: expected shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
-
-
-def check_all_or_none(named: Dict[str, Any]) -> bool:
-    """Either every value is given or none is; returns True when all are given.
-
-    Raises a ``ValueError`` listing which ones were given and which were missing otherwise.
-    """
-    given = [k for k, v in named.items() if v is not None]
-    if given and len(given) != len(named):
-        missing = [k for k in named if k not in given]
-        raise ValueError(
-            f"{', '.join(named)} must be given together: got {', '.join(given)} but not {', '.join(missing)}"
-        )
-    return bool(given)
-
-
-def check_sequence_batch(
-    name: str, hidden: Any, targets: Any, *, targets_name: str = "targets"
-) -> Tuple[int, int]:
-    """``hidden (R, T, D)`` and ``targets (R, T)`` integer ids; returns ``(R, T)``."""
-    hidden = check_float_tensor(name, hidden)
-    targets = check_tensor(targets_name, targets)
-    if hidden.dim() != 3:
-        raise ValueError(f"{name}: expected shape (rows, T, D), got {tuple(hidden.shape)}")
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise TypeError(f"{targets_name}: expected integer token ids (torch.long), got dtype {targets.dtype}")
-    check_shape(targets_name, targets, tuple(hidden.shape[:2]), f"the (rows, T) of {name} {tuple(hidden.shape)}")
-    return int(hidden.shape[0]), int(hidden.shape[1])
-
-
-def check_pair_rows(name: str, rows: int) -> int:
-    """A preference batch stacks ``[chosen; rejected]``: ``rows`` must be even and > 0. Returns B."""
-    if rows <= 0 or rows % 2 != 0:
-        raise ValueError(
-            f"{name}: expected an even, non-zero number of rows 2B stacked [chosen; rejected], got {rows} rows"
-        )
-    return rows // 2
-
+from tokpo_kernels._validation import check_pair_rows
 
 # ---------------------------------------------------------------------------------------------
 # Tensor helpers (sync-free)
@@ -169,3 +66,24 @@ def pad_last(x: torch.Tensor, length: int, value: Any = 0) -> torch.Tensor:
 def detached_metrics(items: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     """Metrics dict with every tensor detached."""
     return {k: v.detach() for k, v in items}
+
+
+def preference_metrics(
+    rewards_c: torch.Tensor,
+    rewards_r: torch.Tensor,
+    logps_c: torch.Tensor,
+    logps_r: torch.Tensor,
+    *extra: Tuple[str, torch.Tensor],
+) -> Dict[str, torch.Tensor]:
+    """The per-pair ``(B,)`` metrics of a preference loss (TRL's names), detached: ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/accuracies = [chosen > rejected]``, ``rewards/margins``,
+    ``logps/chosen``, ``logps/rejected``, then ``extra`` ``(name, value)`` items."""
+    return detached_metrics([
+        ("rewards/chosen", rewards_c),
+        ("rewards/rejected", rewards_r),
+        ("rewards/accuracies", (rewards_c > rewards_r).to(rewards_c.dtype)),
+        ("rewards/margins", rewards_c - rewards_r),
+        ("logps/chosen", logps_c),
+        ("logps/rejected", logps_r),
+        *extra,
+    ])

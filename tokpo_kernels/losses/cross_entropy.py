@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy (SFT / NLL) on lm-head statistics (METHODS.md §5).
+"""Fused linear cross-entropy (SFT / NLL) on lm-head statistics (docs/methods.md §5).
 
 Matches ``torch.nn.functional.linear_cross_entropy`` (PyTorch >= 2.13) where the options overlap
 (``reduction``, ``ignore_index``, ``label_smoothing``, a ``(V,)`` bias) and adds a PaLM-style
@@ -18,25 +18,16 @@ Vocabulary-parallel, ``W̄`` and ``b̄`` take one more all-reduce of ``D + 2`` n
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from tokpo_kernels._types import LossOutput
+from tokpo_kernels._validation import check_choice, check_float_tensor, check_number, check_shape, check_tensor
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_mean
-from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.losses._common import (
-    check_choice,
-    check_float_tensor,
-    check_number,
-    check_shape,
-    check_tensor,
-    detached_metrics,
-    masked_count,
-    masked_sum,
-)
+from tokpo_kernels.losses._common import detached_metrics, masked_count, masked_sum
+from tokpo_kernels.losses._options import HeadOptions, loss_function
 
 __all__ = ["linear_cross_entropy"]
 
@@ -44,22 +35,16 @@ REDUCTIONS = ("mean", "sum", "none")
 WEIGHT_NORMALIZATIONS = ("tokens", "weights")
 
 
+# PyTorch's order: bias and ignore_index come first, so this loss places them itself (keyword order
+# is part of the public signature); ref_bias has no meaning without a reference.
+@loss_function("LinearCrossEntropyLoss", exclude=("ref_bias",))
 def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
     token_weights: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
-    filter_eps: Optional[Union[float, str]] = None,
-    process_group: Optional[dist.ProcessGroup] = None,
+    head: HeadOptions,
     weight_normalization: str = "tokens",
 ) -> LossOutput:
     """Cross-entropy of ``z = transform(h Wᵀ + b)`` against ``targets``, without materialising logits.
@@ -93,7 +78,6 @@ def linear_cross_entropy(
         z_loss: z-loss coefficient ``>= 0`` (PaLM uses ``1e-4``).
         token_weights: optional float ``(...)`` weights shaped like ``targets`` (no gradient flows
             into them; their values at ignored tokens are irrelevant).
-        temperature, softcap, impl, filter_eps, process_group: as in :func:`tokpo_kernels.linear_vocab_stats`.
         weight_normalization: ``"tokens"`` or ``"weights"``, the ``"mean"`` denominator with
             ``token_weights`` (see above); without weights both are the valid-token count.
 
@@ -124,21 +108,18 @@ def linear_cross_entropy(
     if token_weights is not None:
         token_weights = check_float_tensor("token_weights", token_weights)
         check_shape("token_weights", token_weights, tuple(targets.shape), "one weight per token, like targets")
-    if label_smoothing > 0 and softcap is not None:
+    if label_smoothing > 0 and head.softcap is not None:
         raise ValueError(
-            f"label_smoothing={label_smoothing} > 0 is not supported together with softcap={softcap}: the "
+            f"label_smoothing={label_smoothing} > 0 is not supported together with softcap={head.softcap}: the "
             "smoothing term needs the vocabulary mean of the logits, which is exact only for an affine logit "
             "transform (temperature); use softcap=None or label_smoothing=0"
         )
 
     # Sharded heads are resolved here once: the smoothing term below reads the weight itself.
-    sharded = resolve_sharded_weights(hidden, weight, bias, None, None, None, process_group)
-    hidden, weight, bias, process_group = sharded.hidden, sharded.weight, sharded.bias, sharded.group
-    stats = linear_vocab_stats(
-        hidden, weight, targets,
-        bias=bias, ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
-        filter_eps=filter_eps, process_group=process_group,
+    (hidden, weight, bias, *_), process_group = resolve_sharded_weights(
+        hidden, weight, bias, None, None, None, head.process_group
     )
+    stats = head._replace(bias=bias, process_group=process_group).stats(hidden, weight, targets)
     mask = stats.mask
     dt = stats.lse.dtype
     zero = stats.lse.new_zeros(())
@@ -151,7 +132,7 @@ def linear_cross_entropy(
         mean_z = torch.matmul(hidden.to(acc), w_bar)
         if b_bar is not None:
             mean_z = mean_z + b_bar
-        mean_z = (mean_z / float(temperature)).to(dt)
+        mean_z = (mean_z / float(head.temperature)).to(dt)
         smooth = stats.lse - mean_z
         per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     zl = None

@@ -1,4 +1,4 @@
-"""DPO and its IPO / hinge variants (METHODS.md §5) on top of ``linear_vocab_stats``.
+"""DPO and its IPO / hinge variants (docs/methods.md §5) on top of ``linear_vocab_stats``.
 
 Conventions follow TRL's ``DPOTrainer`` and Liger-Kernel's ``LigerFusedLinearDPOLoss``: sequence
 log-probs are sums over response tokens (averages for IPO, as TRL length-normalises IPO), the loss is
@@ -7,66 +7,36 @@ the mean over pairs, rewards are ``β (log π − log π_ref)`` per sequence.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
-from tokpo_kernels._validation import check_reference_pair
-from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.losses._common import (
+from tokpo_kernels._validation import (
+    REFERENCE_LOGP,
+    REFERENCE_MODEL,
     check_choice,
     check_float_tensor,
     check_number,
     check_pair_rows,
     check_sequence_batch,
-    masked_count,
-    masked_sum,
-    split_pairs,
+    resolve_reference,
 )
+from tokpo_kernels.losses._common import masked_count, masked_sum, preference_metrics, split_pairs
+from tokpo_kernels.losses._options import HeadOptions, loss_function
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
-def _reference_mode(ref_hidden, ref_weight, ref_logp, reference_free: bool) -> str:
-    given = []
-    if check_reference_pair(ref_hidden, ref_weight):
-        given.append("ref_hidden/ref_weight")
-    if ref_logp is not None:
-        given.append("ref_logp")
-    if reference_free:
-        given.append("reference_free=True")
-    if len(given) != 1:
-        raise ValueError(
-            "dpo_loss: expected exactly one reference: ref_hidden and ref_weight, or precomputed ref_logp, "
-            f"or reference_free=True; got {', '.join(given) if given else 'none'}"
-        )
-    return {"ref_hidden/ref_weight": "hidden", "ref_logp": "logp", "reference_free=True": "free"}[given[0]]
-
-
+@loss_function("DPOLoss")
 def dpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ref_hidden: Optional[torch.Tensor] = None,
-    ref_weight: Optional[torch.Tensor] = None,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
     *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    ref_logp: Optional[torch.Tensor] = None,
-    average_log_prob: Optional[bool] = None,
-    reference_free: bool = False,
-    bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
-    filter_eps: Optional[Union[float, str]] = None,
-    process_group: Optional[dist.ProcessGroup] = None,
+    beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    ref_logp: Optional[torch.Tensor] = None, average_log_prob: Optional[bool] = None, reference_free: bool = False,
+    head: HeadOptions,
 ) -> LossOutput:
     """DPO (Rafailov et al., 2023) with TRL's ``sigmoid`` / ``ipo`` / ``hinge`` loss types.
 
@@ -75,7 +45,8 @@ def dpo_loss(
 
         M_b = Σ_t m_t (ℓ_t[y_t] − ℓ_ref,t[y_t])     (divided by n_b = Σ_t m_t when averaging)
         x_b = M_c − M_r
-        sigmoid: −(1 − ε) log σ(β x) − ε log σ(−β x)      (ε = label_smoothing, cDPO, Mitchell 2023; TRL before 1.0 applied it the same way)
+        sigmoid: −(1 − ε) log σ(β x) − ε log σ(−β x)      (ε = label_smoothing, cDPO, Mitchell 2023;
+                                                          TRL before 1.0 applied it the same way)
         ipo:     (x − 1/(2β))²                            (IPO eq. 17, β plays τ; TRL)
         hinge:   max(0, 1 − β x)                          (SLiC; TRL)
         loss = mean_b
@@ -96,7 +67,6 @@ def dpo_loss(
         beta: > 0. loss_type: ``"sigmoid"``, ``"ipo"`` or ``"hinge"``.
         label_smoothing: in ``[0, 0.5)``; only ``"sigmoid"`` uses it (a non-zero value with another
             loss type is an error rather than silently ignored).
-        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: passed to ``linear_vocab_stats``.
 
     Returns:
         ``LossOutput(loss, metrics)``; per-pair ``(B,)`` detached metrics: ``rewards/chosen = β(M_c)``,
@@ -118,8 +88,9 @@ def dpo_loss(
         average_log_prob = loss_type == "ipo"
     elif not isinstance(average_log_prob, bool):
         raise TypeError(f"average_log_prob: expected a bool or None, got {type(average_log_prob).__name__}")
-    mode = _reference_mode(ref_hidden, ref_weight, ref_logp, bool(reference_free))
-    if mode == "logp":
+    mode = resolve_reference("dpo_loss", ref_hidden, ref_weight, ref_logp, reference_free=bool(reference_free),
+                             required="the DPO log-ratio")
+    if mode == REFERENCE_LOGP:
         check_float_tensor("ref_logp", ref_logp)
         if tuple(ref_logp.shape) not in (tuple(targets.shape), (rows,)):
             raise ValueError(
@@ -127,23 +98,19 @@ def dpo_loss(
                 f"shape ({rows},), got {tuple(ref_logp.shape)}"
             )
 
-    stats = linear_vocab_stats(
-        hidden, weight, targets, bias=bias,
-        ref_hidden=ref_hidden if mode == "hidden" else None,
-        ref_weight=ref_weight if mode == "hidden" else None,
-        ref_bias=ref_bias if mode == "hidden" else None,
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
-        filter_eps=filter_eps, process_group=process_group,
-    )
+    if mode == REFERENCE_MODEL:
+        stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight)
+    else:  # a ref_bias without a reference model is not read (as before the options were shared)
+        stats = head._replace(ref_bias=None).stats(hidden, weight, targets)
     mask = stats.mask
     logps = masked_sum(stats.logp, mask)
     count = masked_count(mask, -1, logps.dtype).clamp_min(1.0)
     if average_log_prob:
         logps = logps / count
-    if mode == "hidden":
+    if mode == REFERENCE_MODEL:
         ref = masked_sum(stats.ref_logp, mask)
         ref = ref / count if average_log_prob else ref
-    elif mode == "logp":
+    elif mode == REFERENCE_LOGP:
         r = ref_logp.detach().to(device=logps.device, dtype=logps.dtype)
         if r.dim() == 2:
             r = masked_sum(r, mask)
@@ -165,15 +132,5 @@ def dpo_loss(
         losses = torch.relu(1.0 - beta * x)
     loss = losses.mean()
 
-    with torch.no_grad():
-        rew_c, rew_r = beta * r_c, beta * r_r
-        l_c, l_r = split_pairs(logps, "hidden")
-        metrics = {
-            "rewards/chosen": rew_c.detach(),
-            "rewards/rejected": rew_r.detach(),
-            "rewards/accuracies": (rew_c > rew_r).to(rew_c.dtype),
-            "rewards/margins": (rew_c - rew_r).detach(),
-            "logps/chosen": l_c.detach(),
-            "logps/rejected": l_r.detach(),
-        }
-    return LossOutput(loss, metrics)
+    l_c, l_r = split_pairs(logps, "hidden")
+    return LossOutput(loss, preference_metrics(beta * r_c, beta * r_r, l_c, l_r))

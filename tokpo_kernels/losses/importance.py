@@ -1,4 +1,4 @@
-"""TI-DPO token-importance weights from raw attribution scores (arXiv 2505.19653, METHODS.md §3 step 2).
+"""TI-DPO token-importance weights from raw attribution scores (arXiv 2505.19653, docs/methods.md §3 step 2).
 
 The attribution pass itself (gradient of the largest last-position logit w.r.t. the input
 embeddings) needs the model and lives in the integrations layer; this file is the pure per-row
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from tokpo_kernels.losses._common import check_float_tensor, check_number, check_shape, check_tensor
+from tokpo_kernels._validation import check_float_tensor, check_number, check_shape, check_tensor
 
 
 def token_importance_weights(
@@ -19,7 +19,7 @@ def token_importance_weights(
     lam: float = 0.7,
     sigma_div: float = 4.0,
 ) -> torch.Tensor:
-    """Per-token importance weights ``w`` from attribution scores ``I`` (TI-DPO, METHODS.md §3).
+    """Per-token importance weights ``w`` from attribution scores ``I`` (TI-DPO, docs/methods.md §3).
 
     For every row (the last dim; any leading dims are batch), over its valid span ``S`` = the
     positions where ``mask`` is true, with ``n = |S|`` and ``j`` = the rank of a position inside

@@ -1,4 +1,4 @@
-"""Token-level PPO / GRPO on lm-head statistics (METHODS.md §5).
+"""Token-level PPO / GRPO on lm-head statistics (docs/methods.md §5).
 
 The clipped importance-ratio objective with a k3 KL penalty to a reference and an optional entropy
 bonus, with the sequence normalisations of TRL's ``GRPOTrainer`` (``grpo``, ``dapo``, ``dr_grpo``).
@@ -8,25 +8,22 @@ log-probs either from the same pass (reference hidden states) or precomputed. No
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from tokpo_kernels._types import LossOutput
-from tokpo_kernels._validation import check_reference_pair
-from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.losses._common import (
+from tokpo_kernels._validation import (
     check_choice,
     check_float_tensor,
     check_number,
     check_shape,
     check_tensor,
-    detached_metrics,
-    masked_count,
-    masked_mean,
-    masked_sum,
+    resolve_reference,
 )
+from tokpo_kernels.losses._common import detached_metrics, masked_count, masked_mean, masked_sum
+from tokpo_kernels.losses._options import HeadOptions, loss_function
+from tokpo_kernels.losses._policy_gradient import clipped_surrogate, k3_kl, kl_coefficient, reference_logp
 
 __all__ = ["PPO_LOSS_TYPES", "ppo_loss"]
 
@@ -45,30 +42,17 @@ def _as_sequences(name: str, h: torch.Tensor, b: int, t: int) -> torch.Tensor:
     )
 
 
+@loss_function("PPOLoss", docs={"temperature": "``> 0``; divides the logits of policy and reference (as TRL does)."})
 def ppo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: Optional[torch.Tensor] = None,
-    ref_hidden: Optional[torch.Tensor] = None,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+    old_logp: Optional[torch.Tensor] = None, ref_hidden: Optional[torch.Tensor] = None,
     ref_weight: Optional[torch.Tensor] = None,
     *,
-    ref_logp: Optional[torch.Tensor] = None,
-    beta: float = 0.04,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    entropy_coef: float = 0.0,
-    loss_type: str = "grpo",
-    max_tokens: Optional[int] = None,
-    bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
-    filter_eps: Optional[Union[float, str]] = None,
-    process_group: Optional[dist.ProcessGroup] = None,
+    ref_logp: Optional[torch.Tensor] = None, beta: float = 0.04,
+    eps_low: float = 0.2, eps_high: float = 0.2, entropy_coef: float = 0.0,
+    loss_type: str = "grpo", max_tokens: Optional[int] = None,
+    head: HeadOptions,
+    kl_beta: Optional[float] = None,
 ) -> LossOutput:
     """Token-level clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO).
 
@@ -103,7 +87,7 @@ def ppo_loss(
             ``(V, D_ref)`` weight (no gradient), or
         ref_logp: precomputed ``(B, T)`` reference log-probs (giving both is an error).
             With ``beta > 0`` one of the two is required; with ``beta = 0`` it is optional.
-        beta: KL coefficient, ``>= 0``.
+        beta: KL coefficient, ``>= 0``. ``kl_beta`` (TLPO's name) is accepted as an alias.
         eps_low, eps_high: clip range ``[1 − eps_low, 1 + eps_high]`` (``>= 0``; DAPO's
             clip-higher uses ``eps_high = 0.28``).
         entropy_coef: entropy-bonus coefficient ``>= 0``; when ``> 0`` the policy entropy is computed
@@ -111,8 +95,7 @@ def ppo_loss(
         loss_type: ``"grpo"``, ``"dapo"`` or ``"dr_grpo"`` (see above).
         max_tokens: the ``dr_grpo`` constant (TRL's ``max_completion_length``), a positive int;
             defaults to ``T``. Ignored by the other loss types.
-        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: as in
-            :func:`tokpo_kernels.linear_vocab_stats` (temperature divides the logits, as TRL does).
+        kl_beta: alias of ``beta`` (``None``: not given); both may be given only with one value.
 
     Returns:
         ``LossOutput(loss, metrics)``; metrics are detached scalars averaged over all valid tokens
@@ -143,7 +126,7 @@ def ppo_loss(
         check_shape("old_logp", check_float_tensor("old_logp", old_logp), (b, t), "like targets")
     if ref_logp is not None:
         check_shape("ref_logp", check_float_tensor("ref_logp", ref_logp), (b, t), "like targets")
-    beta = check_number("beta", beta, ge=0.0)
+    beta = kl_coefficient("beta", beta, 0.04, "kl_beta", kl_beta)
     eps_low = check_number("eps_low", eps_low, ge=0.0)
     eps_high = check_number("eps_high", eps_high, ge=0.0)
     entropy_coef = check_number("entropy_coef", entropy_coef, ge=0.0)
@@ -151,44 +134,27 @@ def ppo_loss(
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
             raise ValueError(f"max_tokens: expected a positive int (or None for T={t}), got {max_tokens!r}")
-    has_ref_model = check_reference_pair(ref_hidden, ref_weight)
-    if has_ref_model:
-        if ref_logp is not None:
-            raise ValueError("pass either ref_hidden/ref_weight or a precomputed ref_logp, not both")
+    source = resolve_reference("ppo_loss", ref_hidden, ref_weight, ref_logp,
+                               required=f"beta={beta} > 0" if beta > 0 else None,
+                               hint="use beta=0.0 to train without the KL penalty")
+    if ref_hidden is not None:
         ref_hidden = _as_sequences("ref_hidden", check_float_tensor("ref_hidden", ref_hidden), b, t)
-    if beta > 0 and not has_ref_model and ref_logp is None:
-        raise ValueError(
-            f"beta={beta} > 0 needs a reference: pass ref_hidden and ref_weight, or ref_logp (B, T); "
-            "use beta=0.0 to train without the KL penalty"
-        )
 
     use_entropy = entropy_coef > 0
-    stats = linear_vocab_stats(
-        hidden, weight, targets,
-        bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, entropy=use_entropy,
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
-        filter_eps=filter_eps, process_group=process_group,
-    )
+    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, entropy=use_entropy)
     logp = stats.logp
     mask = stats.mask
     dt = logp.dtype
-    zero = logp.new_zeros(())
     adv = advantages.detach().to(dt)
     if adv.dim() == 1:
         adv = adv[:, None].expand(b, t)
-    adv = torch.where(mask, adv, zero)
-    old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
-    ratio = torch.exp(torch.where(mask, logp - old, zero))
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-
-    ref = stats.ref_logp if has_ref_model else (None if ref_logp is None else ref_logp.detach().to(dt))
-    kl = None
-    if ref is not None:
-        delta = torch.where(mask, ref - logp, zero)
-        kl = torch.exp(delta) - delta - 1.0
-        if beta != 0.0:
-            per_token = per_token + beta * kl
+    adv = torch.where(mask, adv, logp.new_zeros(()))
+    surrogate = clipped_surrogate(logp, old_logp, adv, mask, eps_low, eps_high)
+    per_token = -surrogate.value
+    ref = reference_logp(source, stats, ref_logp)
+    kl = None if ref is None else k3_kl(logp, ref, mask)
+    if kl is not None and beta != 0.0:
+        per_token = per_token + beta * kl
     if use_entropy:
         per_token = per_token - entropy_coef * stats.entropy
 
@@ -202,19 +168,13 @@ def ppo_loss(
     else:  # dr_grpo
         loss = masked_sum(per_token, mask, None) / float(max(b * (t if max_tokens is None else max_tokens), 1))
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return masked_sum(x, mask, None) / denom
-
-    low = (ratio < 1.0 - eps_low) & (adv < 0)
-    high = (ratio > 1.0 + eps_high) & (adv > 0)
-    items = []
-    if kl is not None:
-        items.append(("kl", mean(kl)))
+    low, high = surrogate.clipped_low, surrogate.clipped_high
+    items = [] if kl is None else [("kl", masked_mean(kl, mask, None))]
     items += [
-        ("clip_ratio", mean((low | high).to(dt))),
-        ("clip_ratio/low", mean(low.to(dt))),
-        ("clip_ratio/high", mean(high.to(dt))),
+        ("clip_ratio", masked_mean((low | high).to(dt), mask, None)),
+        ("clip_ratio/low", masked_mean(low.to(dt), mask, None)),
+        ("clip_ratio/high", masked_mean(high.to(dt), mask, None)),
     ]
     if use_entropy:
-        items.append(("entropy", mean(stats.entropy)))
+        items.append(("entropy", masked_mean(stats.entropy, mask, None)))
     return LossOutput(loss=loss, metrics=detached_metrics(items))

@@ -1,81 +1,69 @@
 """TDPO: token-level DPO with a per-token forward KL (Zeng et al., ICML 2024, arXiv 2404.11999).
 
-METHODS.md §2. A few lines of PyTorch on ``linear_vocab_stats`` (log-probs at the labels under
+docs/methods.md §2. A few lines of PyTorch on ``linear_vocab_stats`` (log-probs at the labels under
 policy and reference, and ``KL(ref ‖ policy)`` per token); no kernel of its own.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from tokpo_kernels._types import LossOutput
-from tokpo_kernels._validation import check_reference_pair
-from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.losses._common import (
+from tokpo_kernels._types import LossOutput, VocabStats
+from tokpo_kernels._validation import (
     check_choice,
     check_number,
     check_pair_rows,
+    check_reference_pair,
     check_sequence_batch,
-    masked_sum,
-    split_pairs,
 )
+from tokpo_kernels.losses._common import masked_sum, preference_metrics, split_pairs
+from tokpo_kernels.losses._options import HeadOptions, loss_function
 
 TDPO_VARIANTS = ("tdpo1", "tdpo2")
 
 
-def tdpo_metrics(
-    beta: float,
-    margin_c: torch.Tensor,
-    margin_r: torch.Tensor,
-    kl_c: torch.Tensor,
-    kl_r: torch.Tensor,
-    logps_c: torch.Tensor,
-    logps_r: torch.Tensor,
-) -> Dict[str, torch.Tensor]:
+class PairSums(NamedTuple):
+    """Per-pair ``(B,)`` sums over each row's response tokens, for the chosen and rejected rows."""
+
+    margin_c: torch.Tensor  # M = Σ_t m_t margin_t
+    margin_r: torch.Tensor
+    kl_c: torch.Tensor  # K = Σ_t m_t KL(q_t ‖ p_t)
+    kl_r: torch.Tensor
+    logps_c: torch.Tensor  # Σ_t m_t ℓ_t[y_t]
+    logps_r: torch.Tensor
+
+
+def pair_sums(stats: VocabStats, margin: torch.Tensor) -> PairSums:
+    """``M``, ``K`` and the policy log-likelihood of each row (``margin``: the per-token log-ratio
+    the loss uses, TI-DPO's weighted), split into ``[chosen; rejected]``."""
+    mask = stats.mask
+    m_c, m_r = split_pairs(masked_sum(margin, mask), "hidden")
+    k_c, k_r = split_pairs(masked_sum(stats.kl, mask), "hidden")
+    l_c, l_r = split_pairs(masked_sum(stats.logp, mask), "hidden")
+    return PairSums(m_c, m_r, k_c, k_r, l_c, l_r)
+
+
+def tdpo_metrics(beta: float, s: PairSums) -> Dict[str, torch.Tensor]:
     """The TDPO reference code's metrics, one value per pair (shape ``(B,)``), detached.
 
     ``rewards/* = β(M + K)`` (the reward includes the KL, as in the reference code),
     ``rewards/accuracies = [rewards/chosen > rewards/rejected]``, ``rewards/margins`` their difference,
     ``kl/* = K``, ``kl/margin = K_c − K_r``, ``logps/* = Σ m ℓ[y]``.
     """
-    with torch.no_grad():
-        r_c = beta * (margin_c + kl_c)
-        r_r = beta * (margin_r + kl_r)
-        return {
-            "rewards/chosen": r_c.detach(),
-            "rewards/rejected": r_r.detach(),
-            "rewards/accuracies": (r_c > r_r).to(r_c.dtype),
-            "rewards/margins": (r_c - r_r).detach(),
-            "kl/chosen": kl_c.detach(),
-            "kl/rejected": kl_r.detach(),
-            "kl/margin": (kl_c - kl_r).detach(),
-            "logps/chosen": logps_c.detach(),
-            "logps/rejected": logps_r.detach(),
-        }
+    kl = (("kl/chosen", s.kl_c), ("kl/rejected", s.kl_r), ("kl/margin", s.kl_c - s.kl_r))
+    return preference_metrics(beta * (s.margin_c + s.kl_c), beta * (s.margin_r + s.kl_r), s.logps_c, s.logps_r, *kl)
 
 
+@loss_function("TDPOLoss")
 def tdpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
     *,
-    beta: float = 0.1,
-    alpha: float = 0.5,
-    variant: str = "tdpo2",
-    bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
-    filter_eps: Optional[Union[float, str]] = None,
-    process_group: Optional[dist.ProcessGroup] = None,
+    beta: float = 0.1, alpha: float = 0.5, variant: str = "tdpo2",
+    head: HeadOptions,
 ) -> LossOutput:
     """TDPO1 / TDPO2 loss from the lm-head inputs, without materialising logits.
 
@@ -89,7 +77,7 @@ def tdpo_loss(
         loss = mean_b −log σ(β Δ_b)
 
     ``−log σ`` is evaluated with ``F.logsigmoid`` (stable for any Δ) and the KL by the streaming
-    formula of METHODS.md §1, so a reference probability that underflows gives a finite loss (the
+    formula of docs/methods.md §1, so a reference probability that underflows gives a finite loss (the
     reference code's ``log(softmax)`` gives NaN there). With reference == policy, ``Δ = 0`` and the
     loss is exactly ``log 2``.
 
@@ -103,7 +91,6 @@ def tdpo_loss(
         beta: inverse temperature of the preference (> 0).
         alpha: weight of the KL margin in TDPO2 (>= 0; unused by TDPO1).
         variant: ``"tdpo1"`` or ``"tdpo2"``.
-        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: passed to ``linear_vocab_stats``.
 
     Returns:
         ``LossOutput(loss, metrics)``; ``loss`` a 0-d fp32 tensor. Metrics are per-pair ``(B,)``
@@ -120,22 +107,11 @@ def tdpo_loss(
     check_choice("variant", variant, TDPO_VARIANTS)
     check_reference_pair(ref_hidden, ref_weight, required_by="tdpo_loss")
 
-    stats = linear_vocab_stats(
-        hidden, weight, targets, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-        kl=True, ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
-        filter_eps=filter_eps, process_group=process_group,
-    )
-    mask = stats.mask
-    margin = masked_sum(stats.logp - stats.ref_logp, mask)  # M_b
-    kl = masked_sum(stats.kl, mask)  # K_b
-    logps = masked_sum(stats.logp, mask)
-    m_c, m_r = split_pairs(margin, "hidden")
-    k_c, k_r = split_pairs(kl, "hidden")
-    l_c, l_r = split_pairs(logps, "hidden")
-
+    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, kl=True)
+    s = pair_sums(stats, stats.logp - stats.ref_logp)
     if variant == "tdpo1":
-        delta = (m_c - m_r) - (k_r - k_c)
+        delta = (s.margin_c - s.margin_r) - (s.kl_r - s.kl_c)
     else:
-        delta = (m_c - m_r) - alpha * (k_r - k_c.detach())
+        delta = (s.margin_c - s.margin_r) - alpha * (s.kl_r - s.kl_c.detach())
     loss = -F.logsigmoid(beta * delta).mean()
-    return LossOutput(loss, tdpo_metrics(beta, m_c, m_r, k_c, k_r, l_c, l_r))
+    return LossOutput(loss, tdpo_metrics(beta, s))

@@ -1,34 +1,30 @@
 """TI-DPO: token-importance-weighted preference loss plus a triplet term (arXiv 2505.19653, ICLR 2026).
 
-METHODS.md §3. PyTorch on ``linear_vocab_stats``; no kernel of its own. The importance weights come
+docs/methods.md §3. PyTorch on ``linear_vocab_stats``; no kernel of its own. The importance weights come
 from ``token_importance_weights`` (losses/importance.py) and enter here as detached inputs.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tokpo_kernels._types import LossOutput
-from tokpo_kernels._validation import check_reference_pair
-from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.losses._common import (
+from tokpo_kernels._validation import (
     check_all_or_none,
     check_choice,
     check_float_tensor,
     check_number,
     check_pair_rows,
+    check_reference_pair,
     check_sequence_batch,
     check_shape,
-    masked_sum,
-    pack_left,
-    pad_last,
-    split_pairs,
 )
-from tokpo_kernels.losses.tdpo import tdpo_metrics
+from tokpo_kernels.losses._common import masked_sum, pack_left, pad_last, split_pairs
+from tokpo_kernels.losses._options import HeadOptions, loss_function
+from tokpo_kernels.losses.tdpo import pair_sums, tdpo_metrics
 
 TIDPO_PREFERENCES = ("tdpo2", "dpo")
 
@@ -45,31 +41,17 @@ def packed_sq_distance(
     return masked_sum((pa - pb) ** 2, pma & pmb)
 
 
+@loss_function("TIDPOLoss")
 def tidpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ref_hidden: torch.Tensor,
-    ref_weight: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
     *,
     token_weights: Optional[torch.Tensor] = None,
-    anchor_hidden: Optional[torch.Tensor] = None,
-    anchor_ref_hidden: Optional[torch.Tensor] = None,
+    anchor_hidden: Optional[torch.Tensor] = None, anchor_ref_hidden: Optional[torch.Tensor] = None,
     anchor_targets: Optional[torch.Tensor] = None,
-    beta: float = 0.1,
-    alpha: float = 0.5,
-    gamma: float = 0.1,
-    margin: float = 0.01,
-    preference: str = "tdpo2",
-    kl_coef: float = 0.0,
-    bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
-    filter_eps: Optional[Union[float, str]] = None,
-    process_group: Optional[dist.ProcessGroup] = None,
+    beta: float = 0.1, alpha: float = 0.5, gamma: float = 0.1, margin: float = 0.01,
+    preference: str = "tdpo2", kl_coef: float = 0.0,
+    head: HeadOptions,
 ) -> LossOutput:
     """TI-DPO loss: importance-weighted preference term + γ · triplet term (+ optional KL penalty).
 
@@ -108,11 +90,10 @@ def tidpo_loss(
         beta (> 0), alpha (>= 0), gamma (>= 0), margin: see the equations.
         preference: ``"tdpo2"`` or ``"dpo"``.
         kl_coef: weight (>= 0) of the optional mean sequence-KL penalty.
-        bias, ref_bias, ignore_index, temperature, softcap, impl, filter_eps, process_group: passed to ``linear_vocab_stats``.
 
     Returns:
         ``LossOutput(loss, metrics)``. Per-pair ``(B,)`` metrics as ``tdpo_loss`` with the weighted
-        margin: ``rewards/* = β(M_w + K)`` for both preference forms (METHODS.md §3: "metrics as
+        margin: ``rewards/* = β(M_w + K)`` for both preference forms (docs/methods.md §3: "metrics as
         TDPO"); ``kl/*``, ``logps/*`` as TDPO; plus ``triplet_loss`` (0-d, the unweighted
         ``L_triplet``, 0 when skipped).
     """
@@ -148,10 +129,7 @@ def tidpo_loss(
                     f"got {tuple(a.shape)}"
                 )
 
-    common = dict(bias=bias, ref_bias=ref_bias, ignore_index=ignore_index, temperature=temperature,
-                  softcap=softcap, impl=impl, filter_eps=filter_eps, process_group=process_group)
-    stats = linear_vocab_stats(hidden, weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight, kl=True,
-                               **common)
+    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, kl=True)
     mask = stats.mask
     ratio = stats.logp - stats.ref_logp  # d_t, 0 off the mask
     if token_weights is None:
@@ -159,23 +137,16 @@ def tidpo_loss(
     else:
         w = token_weights.detach().to(device=ratio.device, dtype=ratio.dtype)
         weighted = ratio * torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    margin_w = masked_sum(weighted, mask)  # M_w,b
-    kl = masked_sum(stats.kl, mask)  # K_b
-    logps = masked_sum(stats.logp, mask)
-    m_c, m_r = split_pairs(margin_w, "hidden")
-    k_c, k_r = split_pairs(kl, "hidden")
-    l_c, l_r = split_pairs(logps, "hidden")
-
+    s = pair_sums(stats, weighted)  # M_w,b, K_b
     if preference == "tdpo2":
-        delta = (m_c - m_r) - alpha * (k_r - k_c.detach())
+        delta = (s.margin_c - s.margin_r) - alpha * (s.kl_r - s.kl_c.detach())
     else:
-        delta = m_c - m_r
+        delta = s.margin_c - s.margin_r
     loss = -F.logsigmoid(beta * delta).mean()
 
     triplet = loss.new_zeros(())
     if has_anchor and margin > 0:
-        a_stats = linear_vocab_stats(anchor_hidden, weight, anchor_targets, ref_hidden=anchor_ref_hidden,
-                                     ref_weight=ref_weight, **common)
+        a_stats = head.stats(anchor_hidden, weight, anchor_targets, anchor_ref_hidden, ref_weight)
         d_a = a_stats.logp - a_stats.ref_logp
         d_c, d_r = split_pairs(ratio, "hidden")
         mk_c, mk_r = split_pairs(mask, "hidden")
@@ -184,10 +155,10 @@ def tidpo_loss(
         triplet = torch.relu(d_pos - d_neg + margin).mean()
         loss = loss + gamma * triplet
     if kl_coef > 0:
-        loss = loss + kl_coef * (0.5 * (k_c + k_r)).mean()
+        loss = loss + kl_coef * (0.5 * (s.kl_c + s.kl_r)).mean()
 
-    # METHODS §3: "metrics as TDPO (rewards use the weighted margin)", i.e. β(M_w + K) for both
+    # docs/methods.md §3: "metrics as TDPO (rewards use the weighted margin)", i.e. β(M_w + K) for both
     # preference forms; the KL is still measured (and reported) when the loss does not use it.
-    metrics = tdpo_metrics(beta, m_c, m_r, k_c, k_r, l_c, l_r)
+    metrics = tdpo_metrics(beta, s)
     metrics["triplet_loss"] = triplet.detach()
     return LossOutput(loss, metrics)

@@ -1,4 +1,4 @@
-"""TLPO: token-level policy optimisation against language confusion (METHODS.md §4).
+"""TLPO: token-level policy optimisation against language confusion (docs/methods.md §4).
 
 TLPO (arXiv 2604.26553, ACL 2026) updates the policy at one position ``u`` per *group* (the logits
 that predicted the first language-confused token of a sampled response) on K explored candidate
@@ -11,23 +11,22 @@ The loss is a few lines of PyTorch on those ``(G, K)`` log-probs; it adds no ker
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from tokpo_kernels._types import LossOutput
-from tokpo_kernels._validation import check_int, check_reference_pair
-from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.losses._common import (
+from tokpo_kernels._validation import (
     check_float_tensor,
+    check_int,
     check_number,
     check_shape,
     check_tensor,
-    detached_metrics,
-    masked_count,
-    masked_sum,
+    resolve_reference,
 )
+from tokpo_kernels.losses._common import detached_metrics, masked_count, masked_mean, masked_sum
+from tokpo_kernels.losses._options import HeadOptions, loss_function
+from tokpo_kernels.losses._policy_gradient import clipped_surrogate, k3_kl, kl_coefficient, reference_logp
 
 __all__ = ["tlpo_advantages", "tlpo_loss"]
 
@@ -38,7 +37,7 @@ def tlpo_advantages(
     *,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Probability-weighted, L1-normalised candidate advantages (METHODS.md §4 step 4).
+    """Probability-weighted, L1-normalised candidate advantages (docs/methods.md §4 step 4).
 
     Per group (one row)::
 
@@ -98,27 +97,16 @@ def tlpo_advantages(
     return adv[0] if single else adv
 
 
+@loss_function("TLPOLoss", docs={"ignore_index": "the padding id of ``candidates``."})
 def tlpo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    candidates: torch.Tensor,
-    advantages: torch.Tensor,
-    ref_hidden: Optional[torch.Tensor] = None,
-    ref_weight: Optional[torch.Tensor] = None,
+    hidden: torch.Tensor, weight: torch.Tensor, candidates: torch.Tensor, advantages: torch.Tensor,
+    ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
     *,
-    old_logp: Optional[torch.Tensor] = None,
-    kl_beta: float = 0.04,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    old_logp: Optional[torch.Tensor] = None, kl_beta: float = 0.04,
+    eps_low: float = 0.2, eps_high: float = 0.2,
     ref_logp: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-    ref_bias: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    temperature: float = 1.0,
-    softcap: Optional[float] = None,
-    impl: str = "auto",
-    filter_eps: Optional[Union[float, str]] = None,
-    process_group: Optional[dist.ProcessGroup] = None,
+    head: HeadOptions,
+    beta: Optional[float] = None,
 ) -> LossOutput:
     """TLPO loss: PPO-clip on K candidate tokens per confusion point, with a k3 KL penalty.
 
@@ -155,10 +143,7 @@ def tlpo_loss(
         eps_low, eps_high: clip range ``[1 − eps_low, 1 + eps_high]``, both ``>= 0``.
         ref_logp: ``(G, K)`` precomputed reference log-probs of the candidates, instead of
             ``ref_hidden``/``ref_weight`` (giving both is an error). Detached.
-        bias, ref_bias: optional ``(V,)`` lm-head biases.
-        ignore_index: the padding id of ``candidates``.
-        temperature, softcap: logit transform applied before the softmax (policy and reference).
-        impl, filter_eps, process_group: passed through to :func:`tokpo_kernels.linear_vocab_stats`.
+        beta: alias of ``kl_beta`` (PPO's name; ``None``: not given); both may be given only with one value.
 
     Returns:
         ``LossOutput(loss, metrics)``; every metric is a detached scalar averaged over the valid
@@ -194,59 +179,36 @@ def tlpo_loss(
         check_shape("old_logp", check_float_tensor("old_logp", old_logp), cand_shape, "like candidates")
     if ref_logp is not None:
         check_shape("ref_logp", check_float_tensor("ref_logp", ref_logp), cand_shape, "like candidates")
-    kl_beta = check_number("kl_beta", kl_beta, ge=0.0)
+    kl_beta = kl_coefficient("kl_beta", kl_beta, 0.04, "beta", beta)
     eps_low = check_number("eps_low", eps_low, ge=0.0)
     eps_high = check_number("eps_high", eps_high, ge=0.0)
-    has_ref_model = check_reference_pair(ref_hidden, ref_weight)
-    if has_ref_model and ref_logp is not None:
-        raise ValueError("pass either ref_hidden/ref_weight or a precomputed ref_logp, not both")
-    if kl_beta > 0 and not has_ref_model and ref_logp is None:
-        raise ValueError(
-            f"kl_beta={kl_beta} > 0 needs a reference: pass ref_hidden and ref_weight, or ref_logp (G, K); "
-            "use kl_beta=0.0 to train without the KL penalty"
-        )
+    source = resolve_reference("tlpo_loss", ref_hidden, ref_weight, ref_logp,
+                               required=f"kl_beta={kl_beta} > 0" if kl_beta > 0 else None,
+                               hint="use kl_beta=0.0 to train without the KL penalty")
 
-    stats = linear_vocab_stats(
-        hidden, weight, candidates,
-        bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
-        ignore_index=ignore_index, temperature=temperature, softcap=softcap, impl=impl,
-        filter_eps=filter_eps, process_group=process_group,
-    )
+    stats = head.stats(hidden, weight, candidates, ref_hidden, ref_weight)
     logp = stats.logp
     dt = logp.dtype
-    valid = candidates != ignore_index
-    zero = logp.new_zeros(())
-    adv = torch.where(valid, advantages.detach().to(dt), zero)
-    old = logp.detach() if old_logp is None else old_logp.detach().to(dt)
-    ratio = torch.exp(torch.where(valid, logp - old, zero))
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    surrogate = torch.minimum(ratio * adv, clipped * adv)
-    per_candidate = surrogate
-
-    ref = stats.ref_logp if has_ref_model else (None if ref_logp is None else ref_logp.detach().to(dt))
-    kl = None
-    if ref is not None:
-        delta = torch.where(valid, ref - logp, zero)
-        kl = torch.exp(delta) - delta - 1.0
-        if kl_beta != 0.0:
-            per_candidate = per_candidate - kl_beta * kl
+    valid = candidates != head.ignore_index
+    adv = torch.where(valid, advantages.detach().to(dt), logp.new_zeros(()))
+    surrogate = clipped_surrogate(logp, old_logp, adv, valid, eps_low, eps_high)
+    per_candidate = surrogate.value
+    ref = reference_logp(source, stats, ref_logp)
+    kl = None if ref is None else k3_kl(logp, ref, valid)
+    if kl is not None and kl_beta != 0.0:
+        per_candidate = per_candidate - kl_beta * kl
 
     count = masked_count(valid, None, dt)
-    denom = count.clamp_min(1.0)
-    loss = -masked_sum(per_candidate, valid, None) / denom
-
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return masked_sum(x, valid, None) / denom
-
-    is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+    loss = -masked_sum(per_candidate, valid, None) / count.clamp_min(1.0)
+    is_clipped = surrogate.clipped_low | surrogate.clipped_high
     items = [
-        ("policy_loss", -mean(surrogate)),
-        ("clip_fraction", mean(is_clipped.to(dt))),
-        ("ratio/mean", mean(ratio)),
-        ("logps/candidates", mean(logp)),
-        ("advantages/abs_mean", mean(adv.abs())),
+        ("policy_loss", -masked_mean(surrogate.value, valid, None)),
+        ("clip_fraction", masked_mean(is_clipped.to(dt), valid, None)),
+        ("ratio/mean", masked_mean(surrogate.ratio, valid, None)),
+        ("logps/candidates", masked_mean(logp, valid, None)),
+        ("advantages/abs_mean", masked_mean(adv.abs(), valid, None)),
         ("num_candidates", count),
     ]
     if kl is not None:
-        items.insert(1, ("kl", mean(kl)))
+        items.insert(1, ("kl", masked_mean(kl, valid, None)))
     return LossOutput(loss=loss, metrics=detached_metrics(items))

@@ -1,9 +1,9 @@
-"""Independent float64 oracle for ``linear_vocab_stats`` and input/cotangent builders.
+"""Independent float64 oracle for ``linear_vocab_stats``, its inputs and the check against it.
 
 Nothing here imports tokpo_kernels: the statistics are written directly from their definitions
-(METHODS.md §1) on full float64 logits, and gradients come from float64 autograd through them.
+(docs/methods.md §1) on full float64 logits (``oracle.logits``), and gradients come from float64
+autograd through them.
 
-    r = h Wᵀ + b,   z = softcap·tanh(r/softcap) / temperature     (softcap optional)
     lse = log Σ_v exp z_v,  ℓ = z − lse,  p = exp ℓ
     logp_j = ℓ[y_j]  (0 where y_j == ignore_index)
     H = −Σ_v p_v ℓ_v
@@ -13,11 +13,14 @@ Tokens whose targets are all ignored have lse = KL = H = 0 and no gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from oracle.compare import assert_close, atol_scaled
+from oracle.logits import log_softmax64, logits64, logsumexp64
 
 GRAD_NAMES = ("hidden", "weight", "bias")
 DIFF_STATS = ("logp", "lse", "kl", "entropy")
@@ -28,24 +31,6 @@ LEAF_NAMES = ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias"
 # --------------------------------------------------------------------------------------------
 # The oracle
 # --------------------------------------------------------------------------------------------
-
-
-def _logits64(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float,
-              softcap: Optional[float]) -> torch.Tensor:
-    raw = torch.matmul(h.double(), w.double().t())
-    if b is not None:
-        raw = raw + b.double()
-    z = raw
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
-def _log_softmax64(z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(ℓ, lse) with lse = m + log Σ exp(z − m), written out rather than via a library softmax."""
-    m = z.max(dim=-1, keepdim=True).values.detach()
-    lse = m.squeeze(-1) + torch.log(torch.exp(z - m).sum(-1))
-    return z - lse[..., None], lse
 
 
 def oracle_vocab_stats(hidden, weight, targets, *, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
@@ -65,8 +50,9 @@ def oracle_vocab_stats(hidden, weight, targets, *, bias=None, ref_hidden=None, r
     safe = torch.where(tvalid, tg, torch.zeros_like(tg)).long()
     zero = torch.zeros((), dtype=torch.float64, device=hidden.device)
 
-    z = _logits64(hidden, weight, bias, temperature, softcap)
-    ell, lse = _log_softmax64(z)
+    z = logits64(hidden, weight, bias, temperature=temperature, softcap=softcap)
+    lse = logsumexp64(z)
+    ell = z - lse[..., None]
     logp = torch.where(tvalid, ell.gather(-1, safe), zero)
     out = SimpleNamespace(
         logp=logp if multi else logp.squeeze(-1),
@@ -80,9 +66,9 @@ def oracle_vocab_stats(hidden, weight, targets, *, bias=None, ref_hidden=None, r
         out.entropy = torch.where(row_valid, -(ell.exp() * ell).sum(-1), zero)
     if ref_hidden is not None:
         with torch.no_grad():
-            zr = _logits64(ref_hidden.detach(), ref_weight.detach(),
-                           None if ref_bias is None else ref_bias.detach(), temperature, softcap)
-            ell_ref, _ = _log_softmax64(zr)
+            zr = logits64(ref_hidden.detach(), ref_weight.detach(),
+                          None if ref_bias is None else ref_bias.detach(), temperature=temperature, softcap=softcap)
+            ell_ref = log_softmax64(zr)
             q = ell_ref.exp()
         ref_logp = torch.where(tvalid, ell_ref.gather(-1, safe), zero)
         out.ref_logp = ref_logp if multi else ref_logp.squeeze(-1)
@@ -129,7 +115,7 @@ class Case:
                     temperature=self.temperature, softcap=self.softcap)
 
 
-def make_targets(token_shape: Tuple[int, ...], V: int, gen: torch.Generator, *, J: Optional[int] = None,
+def random_targets(token_shape: Tuple[int, ...], V: int, gen: torch.Generator, *, J: Optional[int] = None,
                  ignore_index: int = -100, ignore_frac: float = 0.25, all_ignored: bool = False,
                  duplicates: bool = False) -> torch.Tensor:
     """Random ids in [0, V); ``J`` ids per token padded at the end with ``ignore_index``.
@@ -183,7 +169,7 @@ def make_leaves(case: Case, gen: torch.Generator) -> Dict[str, Optional[torch.Te
                                 * (case.ref_scale / D_ref ** 0.5))
         if case.ref_bias:
             leaves["ref_bias"] = torch.randn(case.V, generator=gen, dtype=torch.float64) * 0.5
-    leaves["targets"] = make_targets(case.token_shape, case.V, gen, J=case.J, ignore_index=case.ignore_index,
+    leaves["targets"] = random_targets(case.token_shape, case.V, gen, J=case.J, ignore_index=case.ignore_index,
                                      ignore_frac=case.ignore_frac, all_ignored=case.all_ignored,
                                      duplicates=case.duplicates)
     return leaves
@@ -275,7 +261,8 @@ def to_oracle(leaves: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[t
             for k, v in leaves.items()}
 
 
-def make_cotangents(targets: torch.Tensor, token_shape: Tuple[int, ...], gen: torch.Generator) -> Dict[str, torch.Tensor]:
+def make_cotangents(targets: torch.Tensor, token_shape: Tuple[int, ...],
+                    gen: torch.Generator) -> Dict[str, torch.Tensor]:
     """Random float64 cotangents for every differentiable statistic (also on ignored entries)."""
     return {
         "logp": torch.randn(tuple(targets.shape), generator=gen, dtype=torch.float64),
@@ -328,7 +315,7 @@ def values_and_grads(stats_fn: Callable[..., object], leaves: Dict[str, Optional
     grads: Dict[str, Optional[torch.Tensor]] = {k: None for k in GRAD_NAMES}
     if loss is not None and wrt:
         gs = torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)
-        for k, g in zip(wrt, gs):
+        for k, g in zip(wrt, gs, strict=True):
             grads[k] = torch.zeros_like(leaves[k]) if g is None else g
     else:
         for k in wrt:
@@ -343,19 +330,13 @@ def oracle_result(leaves: Dict[str, Optional[torch.Tensor]], cot: Dict[str, torc
     return values_and_grads(oracle_vocab_stats, to_oracle(leaves), cot, prep=prep, **opts)
 
 
-def max_logit(leaves: Dict[str, Optional[torch.Tensor]], prep: Optional[Callable] = None) -> float:
+def max_abs_logit(leaves: Dict[str, Optional[torch.Tensor]], prep: Optional[Callable] = None) -> float:
     """max |raw logit| over policy and reference (float64), used to scale value tolerances."""
     d = (prep or (lambda x: x))(to_oracle(leaves))
-    m = _logits64(d["hidden"], d["weight"], d["bias"], 1.0, None).abs().max().item() if d["hidden"].numel() else 0.0
+    m = logits64(d["hidden"], d["weight"], d["bias"]).abs().max().item() if d["hidden"].numel() else 0.0
     if d["ref_hidden"] is not None and d["ref_hidden"].numel():
-        m = max(m, _logits64(d["ref_hidden"], d["ref_weight"], d["ref_bias"], 1.0, None).abs().max().item())
+        m = max(m, logits64(d["ref_hidden"], d["ref_weight"], d["ref_bias"]).abs().max().item())
     return m
-
-
-__all__ = [
-    "Case", "Result", "cast_leaves", "make_cotangents", "make_leaves", "make_prep", "make_targets",
-    "max_logit", "oracle_result", "oracle_vocab_stats", "replace", "store_leaves", "to_oracle", "values_and_grads",
-]
 
 
 def make_huge_logit_leaves(gen: torch.Generator, *, N: int = 10, V: int = 37, D: int = 8,
@@ -384,3 +365,19 @@ def make_huge_logit_leaves(gen: torch.Generator, *, N: int = 10, V: int = 37, D:
     leaves.update(hidden=h, weight=w, bias=torch.randn(V, generator=gen, dtype=torch.float64),
                   ref_hidden=rh, ref_weight=rw, targets=targets)
     return leaves
+
+
+def assert_stats_match(res: Result, ref: Result, *, vatol: float, vrtol: float = 1e-4, grtol: float = 1e-4,
+                       gatol: float = 1e-4) -> None:
+    """The statistics of ``res`` against the oracle's ``ref``: the same ones present, values within
+    ``vatol + vrtol·|e|``, gradients within ``atol_scaled(gatol, e) + grtol·|e|``."""
+    for name in ALL_STATS:
+        a, e = res.values[name], ref.values[name]
+        assert (a is None) == (e is None), f"{name}: expected {'none' if e is None else 'a value'}, got {a}"
+        if a is not None:
+            assert_close(a, e, rtol=vrtol, atol=vatol, name=name)
+    for name in GRAD_NAMES:
+        a, e = res.grads[name], ref.grads[name]
+        assert (a is None) == (e is None), f"grad {name}: expected {'none' if e is None else 'a gradient'}, got {a}"
+        if a is not None:
+            assert_close(a, e, rtol=grtol, atol=atol_scaled(gatol, e), name=f"grad {name}")

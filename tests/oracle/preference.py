@@ -1,9 +1,10 @@
-"""Independent float64 oracles for the preference losses, written directly from METHODS.md.
+"""Independent float64 oracles for the preference losses (docs/methods.md §2, §3, §5), their input
+builders and the runner that checks a library loss against them.
 
-Nothing here imports tokpo_kernels: full logits are materialised in float64, log-probs come from
-``log_softmax``, sequences are reduced with explicit per-row Python loops over the response
-positions, and packing for the TI-DPO triplet uses Python lists. Inputs may be any float dtype; they
-are used as given (callers pass float64 leaves when they want gradients).
+Nothing here imports tokpo_kernels: full logits are materialised in float64 (``oracle.logits``),
+sequences are reduced with explicit per-row Python loops over the response positions, and packing
+for the TI-DPO triplet uses Python lists. Inputs may be any float dtype; they are used as given
+(callers pass float64 leaves when they want gradients).
 """
 
 from __future__ import annotations
@@ -14,19 +15,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from oracle.compare import assert_close, atol_scaled
+from oracle.logits import log_softmax64, logits64
+
 Tensor = torch.Tensor
-
-
-def log_probs(h: Tensor, w: Tensor, b: Optional[Tensor] = None, temperature: float = 1.0,
-              softcap: Optional[float] = None) -> Tensor:
-    """``log softmax(z)``, ``z = softcap·tanh((h Wᵀ + b)/softcap)/temperature``, in float64."""
-    z = h.double() @ w.double().t()
-    if b is not None:
-        z = z + b.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    return torch.log_softmax(z, dim=-1)
 
 
 def token_terms(h, w, y, h_ref, w_ref, *, bias=None, ref_bias=None, ignore_index=-100, temperature=1.0, softcap=None):
@@ -34,8 +26,10 @@ def token_terms(h, w, y, h_ref, w_ref, *, bias=None, ref_bias=None, ignore_index
 
     Returns ``rows`` = a list (one per row) of lists of ``(ℓ[y_t], ℓ_ref[y_t], KL_t)`` scalars.
     """
-    lp = log_probs(h, w, bias, temperature, softcap)
-    lq = log_probs(h_ref, w_ref, ref_bias, temperature, softcap).detach() if h_ref is not None else None
+    lp = log_softmax64(logits64(h, w, bias, temperature=temperature, softcap=softcap))
+    lq = None
+    if h_ref is not None:
+        lq = log_softmax64(logits64(h_ref, w_ref, ref_bias, temperature=temperature, softcap=softcap)).detach()
     rows = []
     for r in range(y.shape[0]):
         items = []
@@ -63,7 +57,7 @@ def _sum(xs: List[Tensor], like: Tensor) -> Tensor:
 
 def oracle_tdpo(h, w, y, h_ref, w_ref, *, beta=0.1, alpha=0.5, variant="tdpo2",
                 **kw) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """METHODS.md §2."""
+    """docs/methods.md §2."""
     rows = token_terms(h, w, y, h_ref, w_ref, **kw)
     like = h.double()
     M = [_sum([lp - lr for lp, lr, _ in it], like) for it in rows]
@@ -97,7 +91,7 @@ def oracle_tdpo(h, w, y, h_ref, w_ref, *, beta=0.1, alpha=0.5, variant="tdpo2",
 def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=None, anchor_ref_hidden=None,
                  anchor_targets=None, beta=0.1, alpha=0.5, gamma=0.1, margin=0.01, preference="tdpo2",
                  kl_coef=0.0, **kw) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """METHODS.md §3 (weighted preference + triplet over left-packed log-ratio vectors)."""
+    """docs/methods.md §3 (weighted preference + triplet over left-packed log-ratio vectors)."""
     ignore_index = kw.get("ignore_index", -100)
     rows = token_terms(h, w, y, h_ref, w_ref, **kw)
     like = h.double()
@@ -106,7 +100,7 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
     Mw, K, L, dvec = [], [], [], []
     for r, it in enumerate(rows):
         ws = [1.0 if token_weights is None else float(token_weights[r, t]) for t in pos[r]]
-        Mw.append(_sum([wt * (lp_ - lr) for wt, (lp_, lr, _) in zip(ws, it)], like))
+        Mw.append(_sum([wt * (lp_ - lr) for wt, (lp_, lr, _) in zip(ws, it, strict=True)], like))
         K.append(_sum([k for _, _, k in it], like))
         L.append(_sum([lp_ for lp_, _, _ in it], like))
         dvec.append([lp_ - lr for lp_, lr, _ in it])  # packed left: response positions in order
@@ -126,8 +120,8 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
         terms = []
         for b in range(n):
             da = [lp_ - lr for lp_, lr, _ in arows[b]]
-            dp = _sum([(a - c) ** 2 for a, c in zip(da, dvec[b])], like)  # zip stops at the overlap
-            dn = _sum([(a - c) ** 2 for a, c in zip(da, dvec[n + b])], like)
+            dp = _sum([(a - c) ** 2 for a, c in zip(da, dvec[b], strict=False)], like)  # the overlap only
+            dn = _sum([(a - c) ** 2 for a, c in zip(da, dvec[n + b], strict=False)], like)
             terms.append(torch.clamp(dp - dn + margin, min=0.0))
         triplet = torch.stack(terms).mean()
         loss = loss + gamma * triplet
@@ -137,7 +131,7 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
     met = {k: [] for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                            "kl/chosen", "kl/rejected", "kl/margin", "logps/chosen", "logps/rejected")}
     for b in range(n):
-        # METHODS §3: metrics as TDPO with the weighted margin, β(M_w + K), for both preference forms
+        # docs/methods.md §3: metrics as TDPO with the weighted margin, β(M_w + K), for both preference forms
         rc, rr = beta * (Mw[b] + K[b]), beta * (Mw[n + b] + K[n + b])
         met["rewards/chosen"].append(rc)
         met["rewards/rejected"].append(rr)
@@ -155,7 +149,7 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
 
 def oracle_dpo(h, w, y, h_ref=None, w_ref=None, *, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
                ref_logp=None, average_log_prob=None, reference_free=False, **kw) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """METHODS.md §5 with TRL's loss types (IPO on per-token averages)."""
+    """docs/methods.md §5 with TRL's loss types (IPO on per-token averages)."""
     ignore_index = kw.get("ignore_index", -100)
     if average_log_prob is None:
         average_log_prob = loss_type == "ipo"
@@ -186,14 +180,14 @@ def oracle_dpo(h, w, y, h_ref=None, w_ref=None, *, beta=0.1, loss_type="sigmoid"
         rc, rr = logps[b] - refs[b], logps[n + b] - refs[n + b]
         x = rc - rr
         if loss_type == "sigmoid":
-            l = -(1 - label_smoothing) * F.logsigmoid(beta * x) - label_smoothing * F.logsigmoid(-beta * x)
+            pair = -(1 - label_smoothing) * F.logsigmoid(beta * x) - label_smoothing * F.logsigmoid(-beta * x)
         elif loss_type == "ipo":
-            l = (x - 1 / (2 * beta)) ** 2
+            pair = (x - 1 / (2 * beta)) ** 2
         elif loss_type == "hinge":
-            l = torch.clamp(1 - beta * x, min=0.0)
+            pair = torch.clamp(1 - beta * x, min=0.0)
         else:
             raise ValueError(loss_type)
-        losses.append(l)
+        losses.append(pair)
         met["rewards/chosen"].append(beta * rc)
         met["rewards/rejected"].append(beta * rr)
         met["rewards/accuracies"].append((beta * rc > beta * rr).double())
@@ -204,7 +198,7 @@ def oracle_dpo(h, w, y, h_ref=None, w_ref=None, *, beta=0.1, loss_type="sigmoid"
 
 
 def oracle_importance(scores: Tensor, mask: Tensor, lam: float, sigma_div: float) -> Tensor:
-    """METHODS.md §3 step 2, row by row in Python floats."""
+    """docs/methods.md §3 step 2, row by row in Python floats."""
     out = torch.zeros(scores.shape, dtype=torch.float64)
     s2 = scores.reshape(-1, scores.shape[-1])
     m2 = mask.reshape(-1, mask.shape[-1])
@@ -221,11 +215,11 @@ def oracle_importance(scores: Tensor, mask: Tensor, lam: float, sigma_div: float
         ps = sum(prior)
         prior = [p / ps for p in prior]
         if tot > 0:
-            wts = [lam * v / tot + (1 - lam) * p for v, p in zip(vals, prior)]
+            wts = [lam * v / tot + (1 - lam) * p for v, p in zip(vals, prior, strict=True)]
         else:
             wts = prior
         mean = sum(wts) / n
-        for t, wv in zip(idx, wts):
+        for t, wv in zip(idx, wts, strict=True):
             o2[r, t] = wv / mean
     return out
 
@@ -239,7 +233,7 @@ SHAPES = [(2, 7, 12, 37), (1, 1, 1, 5), (3, 5, 3, 64)]
 TINY_SHAPES = [(2, 6, 16, 45), (1, 3, 5, 7)]  # for the interpreted Triton kernels: 2B <= 4, T <= 8
 
 
-def make_targets(rows: int, T: int, V: int, gen: torch.Generator, *, ignore_index: int = -100,
+def response_targets(rows: int, T: int, V: int, gen: torch.Generator, *, ignore_index: int = -100,
                  prompt: bool = True) -> Tensor:
     """Random labels with a random-length ignored prompt per row, some right padding, one interior
     ignored label (a non-contiguous response span) and, when there are >= 2 rows and T >= 3, one
@@ -267,7 +261,7 @@ def make_batch(B: int, T: int, D: int, V: int, seed: int = 0, *, bias: bool = Fa
     out = {
         "hidden": torch.randn(2 * B, T, D, generator=gen) * scale,
         "weight": torch.randn(V, D, generator=gen) / math.sqrt(D) * 2.0,
-        "targets": make_targets(2 * B, T, V, gen, prompt=prompt),
+        "targets": response_targets(2 * B, T, V, gen, prompt=prompt),
     }
     if d_ref == D:
         out["ref_hidden"] = out["hidden"] + 0.3 * torch.randn(2 * B, T, D, generator=gen)
@@ -279,16 +273,6 @@ def make_batch(B: int, T: int, D: int, V: int, seed: int = 0, *, bias: bool = Fa
         out["bias"] = 0.5 * torch.randn(V, generator=gen)
         out["ref_bias"] = 0.5 * torch.randn(V, generator=gen)
     return out
-
-
-def assert_close(actual: Tensor, expected: Tensor, *, rtol: float = 1e-4, atol: float = 1e-5, name: str = "") -> None:
-    """Compare in float64 with a tolerance relative to the expected tensor's scale."""
-    a = actual.detach().double().cpu()
-    e = expected.detach().double().cpu()
-    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    assert torch.isfinite(a).all(), f"{name}: non-finite values {a}"
-    scale = float(e.abs().max()) if e.numel() else 0.0
-    torch.testing.assert_close(a, e, rtol=rtol, atol=atol * max(1.0, scale), msg=lambda m: f"{name}: {m}")
 
 
 POSITIONAL = ("hidden", "weight", "targets", "ref_hidden", "ref_weight")
@@ -321,41 +305,26 @@ def run_loss(fn, inputs: Dict[str, Tensor], grad_keys, cotangent: float, *, dtyp
         return loss.detach(), metrics, {}
     grads = torch.autograd.grad(loss * cotangent, [leaves[k] for k in wanted], allow_unused=True)
     return loss.detach(), metrics, {
-        k: (torch.zeros_like(leaves[k]) if g is None else g) for k, g in zip(wanted, grads)
+        k: (torch.zeros_like(leaves[k]) if g is None else g) for k, g in zip(wanted, grads, strict=True)
     }
 
 
 def compare_with_oracle(fn, oracle, metric_names, batch, grad_keys, impl, *, cotangent_seed: int, rtol: float = 2e-4,
-                        atol: float = 2e-5, **kwargs):
-    """Run the library loss ``fn`` (fp32, on ``impl``'s device) and its float64 ``oracle`` on the same
+                        atol: float = 2e-5, device: str = "cpu", **kwargs):
+    """Run the library loss ``fn`` (fp32, on ``device``) and its float64 ``oracle`` on the same
     leaves with one random cotangent (drawn from ``cotangent_seed``) and assert they agree: a 0-d
     fp32 loss, exactly the ``metric_names`` (detached, each close to the oracle's, same shape) and
-    the gradients of ``grad_keys``. Returns the library's ``(loss, metrics, grads)``."""
+    the gradients of ``grad_keys`` (rtol 1e-3, atol 1e-4), every absolute tolerance ``atol_scaled``.
+    Returns the library's ``(loss, metrics, grads)``."""
     g = 0.5 + torch.rand((), generator=torch.Generator().manual_seed(cotangent_seed)).item()
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
     loss, metrics, grads = run_loss(fn, batch, grad_keys, g, impl=impl, device=device, **kwargs)
     o_loss, o_metrics, o_grads = run_loss(oracle, batch, grad_keys, g, dtype=torch.float64, **kwargs)
-    assert loss.dim() == 0 and loss.dtype == torch.float32
-    assert_close(loss, o_loss, rtol=rtol, atol=atol, name="loss")
-    assert set(metrics) == set(metric_names)
+    assert loss.dim() == 0 and loss.dtype == torch.float32, f"loss: expected a 0-d fp32 tensor, got {loss}"
+    assert_close(loss, o_loss, rtol=rtol, atol=atol_scaled(atol, o_loss), name="loss")
+    assert set(metrics) == set(metric_names), f"metric names: expected {sorted(metric_names)}, got {sorted(metrics)}"
     for k in metric_names:
-        assert not metrics[k].requires_grad, k
-        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol, name=k)  # shapes checked there
+        assert not metrics[k].requires_grad, f"metric {k}: expected detached"
+        assert_close(metrics[k], o_metrics[k], rtol=rtol, atol=atol_scaled(atol, o_metrics[k]), name=k)
     for k in grad_keys:
-        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=1e-4, name=f"d{k}")
+        assert_close(grads[k], o_grads[k], rtol=1e-3, atol=atol_scaled(1e-4, o_grads[k]), name=f"d{k}")
     return loss, metrics, grads
-
-
-def triton_skip_reason() -> str:
-    """Why ``impl="triton"`` cannot run here ("" when it can). Checks files and the environment only."""
-    from pathlib import Path
-    import os
-
-    if not (Path(__file__).resolve().parents[1] / "tokpo_kernels" / "kernels" / "launch.py").exists():
-        return "the Triton backend (tokpo_kernels/kernels/launch.py) has not landed yet"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return "impl='triton' on CPU needs TRITON_INTERPRET=1 (tests/conftest.py sets it)"
-    return ""
-
-
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,37 +1,25 @@
-"""Independent float64 full-logit oracles for the TLPO, PPO/GRPO and cross-entropy losses.
+"""Independent float64 full-logit oracles for the TLPO, PPO/GRPO and cross-entropy losses, and the
+runner that checks a library loss against them.
 
-Written directly from shared/METHODS.md §4–5 (and the PyTorch / TRL conventions the loss docstrings
-name). Nothing here imports tokpo_kernels: logits are materialised in float64, log-softmax is written
-out, and the per-candidate / per-token terms are formed one element at a time in Python loops, so
-the structure shares nothing with the statistics path. Gradients come from float64 autograd: pass
+Written directly from docs/methods.md §4–5 (and the PyTorch / TRL conventions the loss docstrings
+name). Nothing here imports tokpo_kernels: logits are materialised in float64 (``oracle.logits``),
+and the per-candidate / per-token terms are formed one element at a time in Python loops, so the
+structure shares nothing with the statistics path. Gradients come from float64 autograd: pass
 float64 leaves (``x.detach().double().requires_grad_()``) and call ``backward`` on the result.
 
-Every function returns ``(loss, metrics)`` with metrics as float64 tensors named as the library's.
+Every oracle returns ``(loss, metrics)`` with metrics as float64 tensors named as the library's.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
+from oracle.compare import assert_close, atol_normwise
+from oracle.logits import log_softmax64, logits64, logsumexp64
+
 Metrics = Dict[str, torch.Tensor]
-
-
-def logits64(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None, temperature: float = 1.0,
-             softcap: Optional[float] = None) -> torch.Tensor:
-    """``z = softcap·tanh((h Wᵀ + b)/softcap) / temperature`` in float64 (softcap optional)."""
-    z = h.double() @ w.double().t()
-    if b is not None:
-        z = z + b.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
-def log_softmax64(z: torch.Tensor) -> torch.Tensor:
-    m = z.max(dim=-1, keepdim=True).values.detach()
-    return z - (m + torch.log(torch.exp(z - m).sum(-1, keepdim=True)))
 
 
 def _zero() -> torch.Tensor:
@@ -44,7 +32,7 @@ def _k3(ref: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# TLPO (METHODS.md §4)
+# TLPO (docs/methods.md §4)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -61,10 +49,10 @@ def tlpo_advantages(probs, rewards, mask=None) -> torch.Tensor:
         if len(set(rs)) <= 1:
             continue
         ps = [float(p[g, i]) for i in idx]
-        mu = sum(pi * ri for pi, ri in zip(ps, rs)) / sum(ps)
-        ws = [pi * (ri - mu) for pi, ri in zip(ps, rs)]
+        mu = sum(pi * ri for pi, ri in zip(ps, rs, strict=True)) / sum(ps)
+        ws = [pi * (ri - mu) for pi, ri in zip(ps, rs, strict=True)]
         l1 = sum(abs(x) for x in ws)
-        for i, wi in zip(idx, ws):
+        for i, wi in zip(idx, ws, strict=True):
             out[g, i] = wi / l1
     return out[0] if squeeze else out.reshape(probs.shape)
 
@@ -73,11 +61,11 @@ def tlpo_loss(h, w, cand, adv, *, ref_h=None, ref_w=None, ref_logp=None, old_log
               eps_low=0.2, eps_high=0.2, bias=None, ref_bias=None, ignore_index=-100, temperature=1.0,
               softcap=None) -> Tuple[torch.Tensor, Metrics]:
     """loss = −mean_i (min(ρA, clip(ρ)A) − β_KL·k3(ℓ_ref, ℓ)) over the valid candidates."""
-    logp_all = log_softmax64(logits64(h, w, bias, temperature, softcap))
+    logp_all = log_softmax64(logits64(h, w, bias, temperature=temperature, softcap=softcap))
     ref_all = None
     if ref_h is not None:
         with torch.no_grad():
-            ref_all = log_softmax64(logits64(ref_h, ref_w, ref_bias, temperature, softcap))
+            ref_all = log_softmax64(logits64(ref_h, ref_w, ref_bias, temperature=temperature, softcap=softcap))
     surr, kls, clipped, ratios, lps, advs = [], [], [], [], [], []
     for g in range(cand.shape[0]):
         for i in range(cand.shape[1]):
@@ -121,7 +109,7 @@ def tlpo_loss(h, w, cand, adv, *, ref_h=None, ref_w=None, ref_logp=None, old_log
 
 
 # ------------------------------------------------------------------------------------------------
-# Token-level PPO / GRPO (METHODS.md §5, TRL GRPOTrainer normalisations)
+# Token-level PPO / GRPO (docs/methods.md §5, TRL GRPOTrainer normalisations)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -131,11 +119,12 @@ def ppo_loss(h, w, targets, adv, *, old_logp=None, ref_h=None, ref_w=None, ref_l
     """L_t = −min(ρA, clip(ρ)A) + β·k3 − c_H·H_t, reduced per ``loss_type`` (grpo/dapo/dr_grpo)."""
     B, T = targets.shape
     h = h.reshape(B, T, -1)
-    logp_all = log_softmax64(logits64(h, w, bias, temperature, softcap))  # (B, T, V)
+    logp_all = log_softmax64(logits64(h, w, bias, temperature=temperature, softcap=softcap))  # (B, T, V)
     ref_all = None
     if ref_h is not None:
         with torch.no_grad():
-            ref_all = log_softmax64(logits64(ref_h.reshape(B, T, -1), ref_w, ref_bias, temperature, softcap))
+            ref_all = log_softmax64(logits64(ref_h.reshape(B, T, -1), ref_w, ref_bias, temperature=temperature,
+                                                softcap=softcap))
     has_ref = ref_all is not None or ref_logp is not None
     seq_losses, all_tok = [], []
     kls, ents, low, high = [], [], [], []
@@ -190,7 +179,7 @@ def ppo_loss(h, w, targets, adv, *, old_logp=None, ref_h=None, ref_w=None, ref_l
 
 
 # ------------------------------------------------------------------------------------------------
-# Cross-entropy (METHODS.md §5; PyTorch's cross_entropy conventions)
+# Cross-entropy (docs/methods.md §5; PyTorch's cross_entropy conventions)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -198,7 +187,7 @@ def cross_entropy(h, w, targets, *, bias=None, ignore_index=-100, reduction="mea
                   z_loss=0.0, token_weights=None, temperature=1.0, softcap=None,
                   weight_normalization="tokens") -> Tuple[torch.Tensor, Metrics]:
     """L_t = w_t((1−ε)(lse − z_y) + ε(lse − mean_v z) + z_loss·lse²), from full float64 logits."""
-    z = logits64(h, w, bias, temperature, softcap)
+    z = logits64(h, w, bias, temperature=temperature, softcap=softcap)
     flat_z = z.reshape(-1, z.shape[-1])
     flat_y = targets.reshape(-1)
     flat_w = None if token_weights is None else token_weights.reshape(-1)
@@ -209,8 +198,7 @@ def cross_entropy(h, w, targets, *, bias=None, ignore_index=-100, reduction="mea
             per.append(_zero())
             continue
         zi = flat_z[i]
-        m = zi.max().detach()
-        lse = m + torch.log(torch.exp(zi - m).sum())
+        lse = logsumexp64(zi)
         nll = lse - zi[y]
         smooth = lse - zi.sum() / zi.numel()
         zl = z_loss * lse * lse
@@ -242,15 +230,11 @@ def cross_entropy(h, w, targets, *, bias=None, ignore_index=-100, reduction="mea
     return loss, {k: torch.as_tensor(v).detach().double() for k, v in metrics.items()}
 
 
-# Shared by the CE / PPO / TLPO tests: max-abs error against rtol·max|expected| + atol, finite only.
-def assert_close(actual, expected, rtol=2e-4, atol=1e-6, what=""):
-    actual = actual.detach().double()
-    expected = expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values {actual}"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * scale + atol, f"{what}: max abs err {err:.3e} (scale {scale:.3e})"
+
+
+# ------------------------------------------------------------------------------------------------
+# The check of a library loss against its oracle (CE, PPO, TLPO tests)
+# ------------------------------------------------------------------------------------------------
 
 
 def float32_kwargs(kw: Dict[str, object]) -> Dict[str, object]:
@@ -258,15 +242,58 @@ def float32_kwargs(kw: Dict[str, object]) -> Dict[str, object]:
     return {k: (x.float() if isinstance(x, torch.Tensor) and x.dtype.is_floating_point else x) for k, x in kw.items()}
 
 
-def assert_matches_oracle(out, loss64, metrics64, grads, rtol, metric_atol=1e-6):
-    """What every CE / PPO / TLPO test asserts of a library ``LossOutput`` against its float64
-    oracle: an fp32 loss close to ``loss64``, exactly the oracle's metric names, each detached and
-    close, and every ``(got, expected, name)`` gradient pair close."""
-    assert out.loss.dtype == torch.float32
-    assert_close(out.loss, loss64, rtol, 1e-6, "loss")
-    assert set(out.metrics) == set(metrics64), f"metric names {sorted(out.metrics)} vs oracle {sorted(metrics64)}"
+def assert_loss_matches(out, loss64, metrics64, grads, rtol, metric_atol=1e-6) -> None:
+    """A library ``LossOutput`` against its float64 oracle, each error bounded norm-wise by
+    ``rtol·max|expected| + atol``: an fp32 loss (atol 1e-6), exactly the oracle's metric names, each
+    detached (atol ``metric_atol``), and every ``(got, expected, name)`` gradient pair (atol 1e-7)."""
+    assert out.loss.dtype == torch.float32, f"loss: expected dtype torch.float32, got {out.loss.dtype}"
+    assert_close(out.loss, loss64, rtol=0.0, atol=atol_normwise(rtol, 1e-6, loss64), name="loss")
+    assert set(out.metrics) == set(metrics64), f"metric names: expected {sorted(metrics64)}, got {sorted(out.metrics)}"
     for name, val in metrics64.items():
-        assert not out.metrics[name].requires_grad
-        assert_close(out.metrics[name], val, rtol, metric_atol, f"metric {name}")
+        assert not out.metrics[name].requires_grad, f"metric {name}: expected detached"
+        atol = atol_normwise(rtol, metric_atol, val)
+        assert_close(out.metrics[name], val, rtol=0.0, atol=atol, name=f"metric {name}")
     for got, expected, name in grads:
-        assert_close(got, expected, rtol, 1e-7, name)
+        assert_close(got, expected, rtol=0.0, atol=atol_normwise(rtol, 1e-7, expected), name=name)
+
+
+def run_and_compare(loss_fn: Callable, oracle_fn: Callable, hidden: torch.Tensor, weight: torch.Tensor,
+                    args: Sequence[object], kw: Dict[str, object], *, impl: str,
+                    cotangent: Union[float, Callable[[Tuple[int, ...]], torch.Tensor]], rtol: float,
+                    metric_atol: float = 1e-6, okw: Optional[Dict[str, object]] = None, flatten_hidden: bool = False,
+                    device: str = "cpu"):
+    """``loss_fn(hidden, weight, *args, impl=impl, **kw)`` in fp32 on ``device`` against
+    ``oracle_fn(hidden, weight, *args, **okw)`` in float64 on CPU (``okw`` defaults to ``kw``), on the
+    same values, both backpropagated with the same ``cotangent`` (a number, or a function of the
+    loss shape giving a float64 tensor); then ``assert_loss_matches`` on the loss, the metrics and
+    the gradients of hidden, weight and (when ``kw`` has one) bias. Float64 ``args``/``kw`` tensors
+    are cast to fp32 for the library. ``flatten_hidden`` passes the library ``hidden`` as ``(N, D)``.
+    Returns the library output and the oracle's metrics.
+    """
+    okw = dict(kw if okw is None else okw)
+
+    def to_library(x: object) -> object:
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    h = hidden.float().to(device).requires_grad_()
+    w = weight.float().to(device).requires_grad_()
+    kw32 = {k: to_library(x) for k, x in float32_kwargs(kw).items()}
+    if kw32.get("bias") is not None:
+        kw32["bias"].requires_grad_()
+    args32 = [to_library(x) for x in float32_kwargs(dict(enumerate(args))).values()]
+    out = loss_fn(h.reshape(-1, h.shape[-1]) if flatten_hidden else h, w, *args32, impl=impl, **kw32)
+
+    h64 = hidden.clone().requires_grad_()
+    w64 = weight.clone().requires_grad_()
+    if okw.get("bias") is not None:
+        okw["bias"] = okw["bias"].clone().requires_grad_()
+    loss64, m64 = oracle_fn(h64, w64, *args, **okw)
+
+    cot = cotangent(tuple(loss64.shape)) if callable(cotangent) else torch.tensor(cotangent, dtype=torch.float64)
+    (out.loss * cot.float().to(device)).sum().backward()
+    (loss64 * cot).sum().backward()
+    grads = [(h.grad, h64.grad, "d hidden"), (w.grad, w64.grad, "d weight")]
+    if kw32.get("bias") is not None:
+        grads.append((kw32["bias"].grad, okw["bias"].grad, "d bias"))
+    assert_loss_matches(out, loss64, m64, grads, rtol, metric_atol)
+    return out, m64

@@ -1,0 +1,119 @@
+"""The registry of backends, keyed by the name users pass as ``impl=``.
+
+Every list of implementations in the package, the benchmarks and the tests comes from here, and so
+does the ``impl="auto"`` choice: the available backend of highest ``auto_priority`` among those that
+name the device's type in ``auto_devices``. Loading is lazy (``load`` runs on first use), so that
+registering the Triton backend never imports Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
+
+import torch
+
+from tokpo_kernels.backends.base import Backend
+
+DeviceLike = Union[torch.device, str]
+
+_FLOATS = frozenset({torch.float32, torch.bfloat16, torch.float16, torch.float64})
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """How to find, load and choose one backend.
+
+    Attributes:
+        name: the ``impl=`` value.
+        load: builds the backend object (imports its kernels); called once, on first use.
+        unavailable: ``unavailable(device)`` is ``None`` when the backend can run on ``device``
+            here, else the reason it cannot, with the fix (shown in the error of ``impl=name``).
+        auto_devices: device types (``"cuda"``, ``"cpu"``) on which ``impl="auto"`` may choose it.
+        auto_priority: the higher wins among the candidates of ``"auto"``.
+        dtypes: input dtypes it supports.
+        vocab_parallel: whether it may run under a ``process_group`` (vocabulary parallelism).
+        emulated_devices: device types on which it runs only emulated (Triton's interpreter on CPU):
+            correct, for tests, but far too slow to time; the benchmarks run it on tiny cases only.
+        summary: one line for the docs and the error messages.
+    """
+
+    name: str
+    load: Callable[[], Backend]
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    auto_devices: Tuple[str, ...] = ()
+    auto_priority: int = 0
+    dtypes: FrozenSet[torch.dtype] = _FLOATS
+    vocab_parallel: bool = True
+    emulated_devices: Tuple[str, ...] = ()
+    summary: str = ""
+
+
+_ENTRIES: Dict[str, BackendEntry] = {}
+_LOADED: Dict[str, Backend] = {}
+
+
+def register_backend(entry: BackendEntry) -> BackendEntry:
+    """Add ``entry`` to the registry (a name may be registered once)."""
+    if entry.name in _ENTRIES or entry.name == "auto":
+        raise ValueError(f"backend {entry.name!r} is already registered (or reserved)")
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def backend_names() -> Tuple[str, ...]:
+    """Every registered backend, in registration order (``"auto"`` excluded)."""
+    return tuple(_ENTRIES)
+
+
+def impl_choices() -> Tuple[str, ...]:
+    """Every valid ``impl=`` value: ``"auto"`` and the registered backends."""
+    return ("auto",) + backend_names()
+
+
+def backend_entry(name: str) -> BackendEntry:
+    """The registry entry of ``name``; ``ValueError`` naming the valid choices otherwise."""
+    try:
+        return _ENTRIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"impl: expected one of {impl_choices()}, got {name!r}") from None
+
+
+def _device(device: DeviceLike) -> torch.device:
+    return torch.device(device) if isinstance(device, str) else device
+
+
+def unavailable_reason(name: str, device: DeviceLike) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device`` here, or ``None`` when it can."""
+    return backend_entry(name).unavailable(_device(device))
+
+
+def available_backends(device: DeviceLike = "cpu") -> Tuple[str, ...]:
+    """The registered backends that can run on ``device`` here."""
+    return tuple(n for n in _ENTRIES if unavailable_reason(n, device) is None)
+
+
+def resolve_impl(impl: str, device: DeviceLike) -> str:
+    """The backend name behind ``impl`` on ``device``: ``"auto"`` picks the available backend of
+    highest priority for the device type; an explicit name must be available (else ``ValueError``
+    with the reason and the fix)."""
+    dev = _device(device)
+    if impl == "auto":
+        candidates = [
+            e for e in _ENTRIES.values() if dev.type in e.auto_devices and e.unavailable(dev) is None
+        ]
+        if not candidates:
+            raise ValueError(f"impl='auto': no registered backend runs on device {dev}; registered: {backend_names()}")
+        return max(candidates, key=lambda e: e.auto_priority).name
+    reason = backend_entry(impl).unavailable(dev)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r}: {reason}")
+    return impl
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object of ``name``, loaded on first use."""
+    backend = _LOADED.get(name)
+    if backend is None:
+        backend = _LOADED[name] = backend_entry(name).load()
+    return backend
