@@ -10,6 +10,7 @@ from tokpo_kernels.losses.cross_entropy import linear_cross_entropy  # noqa: F40
 from tokpo_kernels.losses.dpo import dpo_loss  # noqa: F401  (re-export; registers the loss)
 from tokpo_kernels.losses.importance import token_importance_weights  # noqa: F401  (re-export)
 from tokpo_kernels.losses.ppo import ppo_loss  # noqa: F401  (re-export; registers the loss)
+from tokpo_kernels.losses.simpo import simpo_loss  # noqa: F401  (re-export; registers the loss)
 from tokpo_kernels.losses.tdpo import tdpo_loss  # noqa: F401  (re-export; registers the loss)
 from tokpo_kernels.losses.tidpo import tidpo_loss  # noqa: F401  (re-export; registers the loss)
 from tokpo_kernels.losses.tlpo import tlpo_advantages, tlpo_loss  # noqa: F401  (re-export; registers the loss)
