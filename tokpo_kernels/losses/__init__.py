@@ -7,6 +7,7 @@ registration line: ``tokpo_kernels``, its ``nn.Module`` wrappers and ``__all__``
 
 from tokpo_kernels.losses._registry import LOSSES, LossSpec  # noqa: F401  (re-export)
 from tokpo_kernels.losses.cross_entropy import linear_cross_entropy  # noqa: F401  (re-export; registers the loss)
+from tokpo_kernels.losses.distill import distill_loss  # noqa: F401  (re-export; registers the loss)
 from tokpo_kernels.losses.dpo import dpo_loss  # noqa: F401  (re-export; registers the loss)
 from tokpo_kernels.losses.importance import token_importance_weights  # noqa: F401  (re-export)
 from tokpo_kernels.losses.ppo import ppo_loss  # noqa: F401  (re-export; registers the loss)
