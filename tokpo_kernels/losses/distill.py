@@ -18,9 +18,11 @@ from tokpo_kernels.losses._common import detached_metrics, masked_count, masked_
 from tokpo_kernels.losses._options import HeadOptions, loss_function
 
 
-def _check_teacher(hidden: torch.Tensor, weight: torch.Tensor, t_hidden: object, t_weight: object) -> None:
-    """The teacher's ``(..., D_t)`` hidden states and ``(V, D_t)`` head, named as the caller knows them
-    (``linear_vocab_stats`` would call them ``ref_*``)."""
+def _check_teacher(
+    hidden: torch.Tensor, weight: torch.Tensor, t_hidden: object, t_weight: object, t_bias: object
+) -> None:
+    """The teacher's ``(..., D_t)`` hidden states, ``(V, D_t)`` head and ``(V,)`` bias, named as the
+    caller knows them (``linear_vocab_stats`` would call them ``ref_*``)."""
     t_hidden = check_float_tensor("teacher_hidden", t_hidden)
     t_weight = check_float_tensor("teacher_weight", t_weight)
     if tuple(t_hidden.shape[:-1]) != tuple(hidden.shape[:-1]) or t_hidden.dim() != hidden.dim():
@@ -29,6 +31,11 @@ def _check_teacher(hidden: torch.Tensor, weight: torch.Tensor, t_hidden: object,
     if t_weight.dim() != 2 or t_weight.shape[1] != t_hidden.shape[-1] or t_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"teacher_weight: expected shape ({weight.shape[0]}, {t_hidden.shape[-1]}) (the student's V, "
                          f"teacher_hidden's D), got {tuple(t_weight.shape)}")
+    if t_bias is not None:
+        t_bias = check_float_tensor("teacher_bias", t_bias)
+        if tuple(t_bias.shape) != (weight.shape[0],):
+            raise ValueError(f"teacher_bias: expected shape ({weight.shape[0]},) (the student's V), "
+                             f"got {tuple(t_bias.shape)}")
 
 
 @loss_function("DistillLoss", exclude=("ref_bias",))
@@ -76,7 +83,7 @@ def distill_loss(
     """
     hidden = check_float_tensor("hidden", hidden)
     weight = check_float_tensor("weight", weight)
-    _check_teacher(hidden, weight, teacher_hidden, teacher_weight)
+    _check_teacher(hidden, weight, teacher_hidden, teacher_weight, teacher_bias)
     temperature = check_number("temperature", temperature, gt=0.0)
     kl_weight = check_number("kl_weight", kl_weight, ge=0.0)
     ce_weight = check_number("ce_weight", ce_weight, ge=0.0)
