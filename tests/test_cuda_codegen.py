@@ -39,8 +39,13 @@ def _count_ok(stdout: str) -> int:
 @pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
     """The default config of a representative subset of launcher variants (every combination of the
-    statistics flags, with all other features off and all on), bf16 and fp32."""
-    assert _count_ok(_compile(tmp_path, "--dtypes", "bf16,fp32")) >= 40
+    statistics flags, with all other features off and all on), bf16 and fp32, and each kernel's
+    heaviest variant with the reference head in the other dtype (fp32 policy beside a bf16
+    reference and the opposite: the two logit tiles of one kernel read different dtypes)."""
+    out = _compile(tmp_path, "--dtypes", "bf16,fp32")
+    assert _count_ok(out) >= 44
+    mixed = [line for line in out.splitlines() if line.startswith("ok ") and "/ref " in line]
+    assert len(mixed) == 4, f"expected fwd and bwd for fp32/ref bf16 and bf16/ref fp32, got {mixed}"
 
 
 @pytest.mark.slow

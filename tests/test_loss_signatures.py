@@ -20,7 +20,8 @@ import tokpo_kernels as tk
 P, K = "POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY"
 REQUIRED = inspect.Parameter.empty
 SHARED = [("bias", K, None), ("ref_bias", K, None), ("ignore_index", K, -100), ("temperature", K, 1.0),
-          ("softcap", K, None), ("impl", K, "auto"), ("filter_eps", K, None), ("process_group", K, None)]
+          ("softcap", K, None), ("impl", K, "auto"), ("filter_eps", K, None), ("process_group", K, None),
+          ("validate", K, "async")]
 PAIR = [("hidden", P, REQUIRED), ("weight", P, REQUIRED), ("targets", P, REQUIRED)]
 
 PINNED = {
@@ -45,7 +46,7 @@ PINNED = {
                                     ("label_smoothing", K, 0.0), ("z_loss", K, 0.0), ("token_weights", K, None),
                                     ("temperature", K, 1.0), ("softcap", K, None), ("impl", K, "auto"),
                                     ("filter_eps", K, None), ("process_group", K, None),
-                                    ("weight_normalization", K, "tokens")],
+                                    ("validate", K, "async"), ("weight_normalization", K, "tokens")],
 }
 
 

@@ -99,7 +99,10 @@ def resolve_filter_eps(filter_eps: Optional[Union[float, str]], dtype: torch.dty
 class HeadTensors(NamedTuple):
     """The lm-head inputs of one call on flattened rows: policy ``(N, D)`` / ``(V, D)`` / ``(V,)`` and
     the reference ``(N, D_ref)`` / ``(V, D_ref)`` / ``(V,)`` (never differentiated). Every field is
-    given explicitly (``None`` where absent), so a call site shows which head it passes."""
+    given explicitly (``None`` where absent), so a call site shows which head it passes. A bias has
+    its weight's dtype or that dtype's accumulation dtype (``linear_vocab_stats`` casts a bias of any
+    other dtype once), and a backend adds the latter to logits already in the accumulation dtype.
+    Rows that are not ``row_valid`` may hold anything, NaN and inf included."""
 
     hidden: torch.Tensor
     weight: torch.Tensor

@@ -3,8 +3,9 @@ state what was expected and what was received.
 
 One module for every check: the tensor/number checks used by ``linear_vocab_stats`` and by the
 losses, the losses' batch-layout checks, and the "which reference did the caller give" rule.
-Nothing here reads a tensor's values except ``check_target_range`` (see ``fail_if`` for when), so a
-loss validated with these helpers stays free of host synchronisation.
+Nothing here reads a tensor's values except ``check_target_range`` and ``fail_if`` (see
+``target_check_site`` for when), so a loss validated with these helpers stays free of host
+synchronisation unless its caller asks for ``validate="sync"``.
 """
 
 from __future__ import annotations
@@ -79,35 +80,74 @@ def check_number(
     return v
 
 
+# The values of ``validate=`` (see ``check_target_range``).
+VALIDATE_MODES = ("async", "sync")
+
+
+def _asserts_on_device(device: torch.device) -> bool:
+    """Whether a data-dependent check on ``device`` asserts on the device instead of reading the result
+    back (a seam: the tests patch it to exercise the CUDA path on CPU)."""
+    return device.type == "cuda"
+
+
+def target_check_site(device: torch.device, validate: str = "async") -> str:
+    """Where the target-range check of tensors on ``device`` runs: ``"host"`` (read back, raise
+    ``ValueError``), ``"device"`` (``torch._assert_async``, no host sync) or ``"skip"`` (meta tensors:
+    there are no values to read).
+
+    While ``torch.compile`` traces, always ``"device"``: a host read would break the graph.
+    """
+    if device.type == "meta":
+        return "skip"
+    if torch.compiler.is_compiling() or (_asserts_on_device(device) and validate == "async"):
+        return "device"
+    return "host"
+
+
 def fail_if(bad: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` when the 0-d bool tensor ``bad`` is true.
 
     Checked eagerly on CPU. On CUDA, and under ``torch.compile`` (where a data-dependent ``if``
-    would break the graph), ``torch._assert_async`` raises instead, without a host sync.
+    would break the graph), ``torch._assert_async`` raises instead, without a host sync; on meta
+    tensors nothing is checked.
     """
-    if bad.device.type == "cuda" or torch.compiler.is_compiling():
+    site = target_check_site(bad.device)
+    if site == "device":
         torch._assert_async(~bad, message)
-        return
-    if bool(bad):
+    elif site == "host" and bool(bad):
         raise ValueError(message)
 
 
-def check_target_range(name: str, targets: torch.Tensor, vocab: Union[int, torch.Tensor], ignore_index: int) -> None:
-    """Every id must lie in ``[0, vocab)`` or equal ``ignore_index`` (see ``fail_if`` for when).
+def check_target_range(
+    name: str, targets: torch.Tensor, vocab: Union[int, torch.Tensor], ignore_index: int, validate: str = "async"
+) -> None:
+    """Every id must lie in ``[0, vocab)`` or equal ``ignore_index``.
 
+    Where the check runs is ``target_check_site``: on the host (CPU tensors, or ``validate="sync"``:
+    one read-back of three numbers, a host synchronisation on CUDA) it raises ``ValueError`` naming
+    the first bad id and their count; on the device (CUDA with ``validate="async"``, and whenever
+    compiling) it is ``torch._assert_async``: a device-side assert reported at a later
+    synchronisation, fatal to the CUDA context; on meta tensors it is skipped.
     ``vocab`` may be a 0-d tensor (the global size of a vocabulary split, known on the device only).
     """
+    site = target_check_site(targets.device, validate)
+    if site == "skip" or targets.numel() == 0:
+        return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if targets.device.type == "cuda" or torch.compiler.is_compiling():
+    if site == "device":
         # Formatting a tensor would read it back: name the bound only when it is a Python int.
         bound = vocab if isinstance(vocab, int) else "V"
-        fail_if(bad.any(), f"{name}: target ids must be in [0, {bound}) or ignore_index={ignore_index}")
+        torch._assert_async(~bad.any(), f"{name}: target ids must be in [0, {bound}) or ignore_index={ignore_index}")
         return
-    if bool(bad.any()):
-        first = targets[bad].flatten()[0].item()
+    flat = bad.reshape(-1)
+    # One read-back: the count of bad ids, the first of them and the bound.
+    count, first, bound = torch.stack([
+        flat.sum(), targets.reshape(-1)[flat.to(torch.uint8).argmax()].long(),
+        torch.as_tensor(vocab, device=flat.device).long(),
+    ]).tolist()
+    if count:
         raise ValueError(
-            f"{name}: expected ids in [0, {int(vocab)}) or ignore_index={ignore_index}, got {first} "
-            f"({int(bad.sum())} bad id(s))"
+            f"{name}: expected ids in [0, {bound}) or ignore_index={ignore_index}, got {first} ({count} bad id(s))"
         )
 
 
@@ -145,6 +185,7 @@ def validate_vocab_stats_inputs(
     filter_eps: object = None,
     *,
     vocab_parallel: bool = False,
+    validate: object = "async",
 ) -> Tuple[Tuple[int, ...], bool, str]:
     """Checks the arguments of ``linear_vocab_stats``.
 
@@ -153,8 +194,11 @@ def validate_vocab_stats_inputs(
     whose shard alone is empty must not raise before the others (they would wait in it until the
     group's timeout); ``vocab_shard`` raises on every rank instead.
 
+    ``validate`` chooses where the id-range check runs (``check_target_range``).
+
     Returns ``(token_shape, several_targets_per_token, resolved_impl)``.
     """
+    check_choice("validate", validate, VALIDATE_MODES)
     hidden = check_tensor("hidden", hidden)
     weight = check_tensor("weight", weight)
     targets = check_tensor("targets", targets)
@@ -248,7 +292,7 @@ def validate_vocab_stats_inputs(
                 "use impl='torch' for float64"
             )
     if not vocab_parallel:
-        check_target_range("targets", targets, vocab, ignore_index)
+        check_target_range("targets", targets, vocab, ignore_index, validate)
     return token_shape, multi, resolved
 
 

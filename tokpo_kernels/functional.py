@@ -1,8 +1,8 @@
 """The public functional surface: ``linear_vocab_stats``.
 
 User input is validated here, before any kernel runs (losses check their own arguments first; on
-CUDA and under ``torch.compile`` the target-range check is a device-side assert, see
-``_validation.check_target_range``).
+CUDA with ``validate="async"`` and under ``torch.compile`` the target-range check is a device-side
+assert, see ``_validation.check_target_range``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,18 @@ from tokpo_kernels._validation import check_target_range, validate_vocab_stats_i
 from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard
-from tokpo_kernels.ops.vocab_stats import vocab_stats_2d
+from tokpo_kernels.numerics import accum_dtype
+from tokpo_kernels.ops.vocab_stats import refuse_unsupported_transforms, vocab_stats_2d
 
 # Integer target dtypes accepted and cast once to int64 (what gathers and the kernels index with).
 _NARROW_IDS = (torch.uint8, torch.int8, torch.int16, torch.int32)
+
+
+def _bias_for(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``bias`` as the backends take it: the weight's dtype, or else ``accum_dtype(weight.dtype)``."""
+    if bias is None or weight is None or bias.dtype == weight.dtype:
+        return bias
+    return bias.to(accum_dtype(weight.dtype))
 
 
 def linear_vocab_stats(
@@ -42,6 +50,7 @@ def linear_vocab_stats(
     process_group: Optional[dist.ProcessGroup] = None,
     max_logit: bool = False,
     mean_logit: bool = False,
+    validate: str = "async",
 ) -> VocabStats:
     """Per-token statistics of ``softmax(h Wᵀ + b)`` without materialising the (N, V) logits.
 
@@ -53,9 +62,15 @@ def linear_vocab_stats(
         weight: ``(V, D)`` lm-head weight, same dtype as ``hidden``.
         targets: ``(...)`` token ids, or ``(..., J)`` for several ids per token (padded with
             ``ignore_index``). Hidden position ``t`` predicts ``targets[t]`` (callers shift).
-        bias: optional ``(V,)`` lm-head bias.
+        bias: optional ``(V,)`` lm-head bias, of any float dtype. A bias of the weight's dtype is used
+            as given. A bias of another dtype is used at the accumulation precision of the weight's
+            dtype (fp32 for fp32/bf16/fp16 heads, fp64 for fp64 ones): cast once to it, so an fp32
+            bias beside a bf16 weight keeps its fp32 values (an fp64 bias beside an fp32 weight is
+            rounded to fp32). Every backend follows this rule; ``∂bias`` comes back in the bias's
+            own dtype.
         ref_hidden, ref_weight, ref_bias: the frozen reference model's ``(..., D_ref)`` hidden states,
-            ``(V, D_ref)`` weight and bias. They never receive gradient.
+            ``(V, D_ref)`` weight and bias (``ref_bias`` follows the rule of ``bias`` with respect to
+            ``ref_weight``). They never receive gradient.
         kl: also return ``KL(ref || policy)`` per token (needs a reference).
         entropy: also return the policy entropy per token.
         ignore_index: target id meaning "no target"; tokens whose ids are all ignored are masked
@@ -88,6 +103,17 @@ def linear_vocab_stats(
             ``torch.isclose(stats.logp + stats.lse, stats.max_logit)`` (a token-accuracy metric).
         mean_logit: also return ``Σ_v z_v / V`` of the transformed policy logits (what TRL logs as
             ``logits/chosen``); differentiable, its gradient is ``1/V`` on every logit.
+        validate: how an id outside ``[0, V)`` (other than ``ignore_index``) is reported.
+            ``"async"`` (default): CPU tensors raise ``ValueError`` before any kernel; CUDA tensors
+            are checked by ``torch._assert_async``, which costs no host synchronisation but fails
+            as a device-side assert: the call returns, a later synchronising call raises
+            ``RuntimeError: CUDA error: device-side assert triggered`` and the process's CUDA
+            context is unusable afterwards (restart the process). ``"sync"``: CUDA tensors are
+            checked on the host too (one device-to-host copy of three numbers, i.e. one host
+            synchronisation per call) and raise ``ValueError`` before any kernel; on CPU it is the
+            same as ``"async"``. While ``torch.compile`` traces, both modes compile to the device
+            assert (a host read would break the graph). Vocabulary-parallel calls check against the
+            global ``V`` after the first collective. Meta tensors hold no ids: nothing is checked.
 
     Returns:
         ``VocabStats`` with ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
@@ -99,18 +125,41 @@ def linear_vocab_stats(
 
     Raises:
         TypeError / ValueError: on bad input, naming what was expected and what was received.
+
+    Meta tensors: an all-meta call returns meta statistics of the right shapes and dtypes (and a
+    meta backward), reading no data; ``impl="auto"`` resolves as on the CPU, an explicit ``impl``
+    is checked for its dtypes only (nothing runs: the custom ops' fake implementations give the
+    shapes). Not with ``process_group``.
+
+    ``torch.func``: ``torch.func.grad``, ``vjp`` and ``jacrev`` work on every backend and give
+    autograd's gradients (``jacrev`` runs the backward once per output element). ``torch.vmap``
+    raises ``ValueError``: the backends compute whole batches already, so pass the batched tensors
+    (any leading token shape) directly. Forward-mode AD (``jvp``, ``jacfwd``, ``hessian``) raises
+    ``ValueError``; second-order reverse mode (``grad`` of ``grad``) raises ``RuntimeError`` when the
+    second derivative is needed, as double backward does under eager autograd.
     """
     if isinstance(targets, torch.Tensor) and targets.dtype in _NARROW_IDS:
         # Cast before validating: an unsigned id compared with a negative ignore_index wraps around.
         targets = targets.long()
+    refuse_unsupported_transforms()
     head, group = resolve_sharded_weights(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = head
     token_shape, multi, resolved = validate_vocab_stats_inputs(
         hidden, weight, targets, bias, ref_hidden, ref_weight, ref_bias,
         kl, entropy, ignore_index, temperature, softcap, impl, filter_eps, vocab_parallel=group is not None,
+        validate=validate,
     )
+    # One rule for every backend: a bias of another dtype than its weight enters at the
+    # accumulation precision (differentiable: ∂bias is cast back to the bias's dtype by autograd).
+    bias = _bias_for(weight, bias)
+    ref_bias = _bias_for(ref_weight, ref_bias)
     shard = None
     if group is not None:
+        if hidden.device.type == "meta":
+            raise ValueError(
+                "process_group: meta tensors cannot take part in the vocabulary-parallel collectives; "
+                "for shape inference call without process_group on this rank's shard"
+            )
         if not backend_entry(resolved).vocab_parallel:
             raise ValueError(
                 f"impl={resolved!r} does not support vocabulary parallelism (process_group); "
@@ -123,7 +172,7 @@ def linear_vocab_stats(
         if ref_hidden is not None:
             replicated.append(("ref_hidden", ref_hidden))
         shard = vocab_shard(weight.shape[0], group, weight.device, replicated)
-        check_target_range("targets", targets, shard.total, ignore_index)
+        check_target_range("targets", targets, shard.total, ignore_index, validate)
     params = ImplParams(
         temperature=float(temperature),
         softcap=None if softcap is None else float(softcap),

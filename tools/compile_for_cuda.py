@@ -6,7 +6,9 @@ memory limits). This compiles the kernel variants the launchers can request down
 registers, spills and shared memory per variant. Run: ``python tools/compile_for_cuda.py``.
 
 By default a representative subset is compiled: every combination of the statistics flags, each
-with all other features off and with all on; ``--all`` compiles every flag combination. Compile
+with all other features off and with all on, plus each kernel's heaviest variant with the reference
+head in each other dtype of ``--dtypes`` (mixed-precision reference); ``--all`` compiles every flag
+combination. Compile
 signatures are built from each kernel's own argument list and a dtype rule (``signature``), so a
 new kernel argument is typed here without an edit, and a new constexpr flag that no variant sets
 fails loudly instead of being compiled at a default.
@@ -18,11 +20,12 @@ import argparse
 import contextlib
 import io
 import itertools
+import multiprocessing
 import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 # Before triton is imported: this tool compiles for real, even from a shell that interprets.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -41,18 +44,23 @@ SM90_MAX_SHARED = 232448
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-# The dtype rule. Pointers of the head (policy and reference hidden, weight, bias) take the input
-# dtype; target ids and the compaction index are int64 and the valid-row count int32 (as
-# kernels/launch.py passes them); every other pointer is an fp32 statistic, cotangent, partial or
-# gradient accumulator. Scalars: sizes (upper case: N, V, D, ...) and strides are int32; the rest
-# are the fp32 runtime parameters (temperature, softcap, filter_eps).
-HEAD_POINTERS = frozenset({"h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr"})
+# The dtype rule. Pointers of the policy head (hidden, weight, bias) take the input dtype, those of
+# the reference head the reference's dtype (the input dtype unless a mixed variant says otherwise:
+# a bf16 reference beside an fp32 policy is a supported set-up); target ids and the compaction
+# index are int64 and the valid-row count int32 (as kernels/launch.py passes them); every other
+# pointer is an fp32 statistic, cotangent, partial or gradient accumulator. Scalars: sizes (upper
+# case: N, V, D, ...) and strides are int32; the rest are the fp32 runtime parameters
+# (temperature, softcap, filter_eps).
+HEAD_POINTERS = frozenset({"h_ptr", "w_ptr", "b_ptr"})
+REF_POINTERS = frozenset({"rh_ptr", "rw_ptr", "rb_ptr"})
 ID_POINTERS = {"tgt_ptr": "*i64", "row_index_ptr": "*i64", "n_valid_ptr": "*i32"}
 
 
-def signature(fn, dtype: torch.dtype, constexprs: Dict[str, object]) -> Dict[str, str]:
-    """The compile signature of ``fn`` for inputs of ``dtype`` (rule above); raises when the
-    constexpr values given do not match the kernel's constexpr parameters exactly."""
+def signature(fn, dtype: torch.dtype, constexprs: Dict[str, object],
+              ref_dtype: Optional[torch.dtype] = None) -> Dict[str, str]:
+    """The compile signature of ``fn`` for policy inputs of ``dtype`` and reference inputs of
+    ``ref_dtype`` (default: ``dtype``; rule above); raises when the constexpr values given do not
+    match the kernel's constexpr parameters exactly."""
     sig: Dict[str, str] = {}
     for param in fn.params:
         name = param.name
@@ -60,6 +68,8 @@ def signature(fn, dtype: torch.dtype, constexprs: Dict[str, object]) -> Dict[str
             sig[name] = "constexpr"
         elif name in HEAD_POINTERS:
             sig[name] = f"*{_DT[dtype]}"
+        elif name in REF_POINTERS:
+            sig[name] = f"*{_DT[ref_dtype or dtype]}"
         elif name in ID_POINTERS:
             sig[name] = ID_POINTERS[name]
         elif name.endswith("_ptr"):
@@ -129,20 +139,36 @@ BACKWARD = KernelSpec(
 SPECS = (FORWARD, BACKWARD)
 
 
-def variants(spec: KernelSpec, dtype: torch.dtype, cfg: KernelConfig, full: bool) -> Iterator[tuple]:
-    """``(label, fn, signature, constexprs, cfg)`` for every variant of ``spec`` (see KernelSpec)."""
+def variants(spec: KernelSpec, dtype: torch.dtype, cfg: KernelConfig, full: bool,
+             ref_dtype: Optional[torch.dtype] = None) -> Iterator[tuple]:
+    """``(label, fn, signature, constexprs, cfg)`` for every variant of ``spec`` (see KernelSpec),
+    with the reference head in ``ref_dtype`` (default: ``dtype``)."""
     blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
     if "GROUP_N" in spec.fn.arg_names:
         blocks["GROUP_N"] = cfg.group_n
+    dtypes = _DT[dtype] if ref_dtype in (None, dtype) else f"{_DT[dtype]}/ref {_DT[ref_dtype]}"
     for flags in spec.flag_sets(full):
-        const = dict(flags, **spec.derived(flags), **spec.fixed, UPCAST=False, DOT_PRECISION="ieee", **blocks)
+        # On a GPU both sides' tl.dot run at "ieee" for bf16/fp16 operands and at torch's fp32
+        # matmul precision for fp32 ones (launch._kernel_flags); "ieee" is the default there.
+        const = dict(flags, **spec.derived(flags), **spec.fixed, UPCAST=False, DOT_PRECISION="ieee",
+                     REF_UPCAST=False, REF_DOT_PRECISION="ieee", **blocks)
         on = " ".join(k for k, v in flags.items() if v) or "-"
-        yield f"{spec.kind} {_DT[dtype]} [{on}]", spec.fn, signature(spec.fn, dtype, const), const, cfg
+        yield f"{spec.kind} {dtypes} [{on}]", spec.fn, signature(spec.fn, dtype, const, ref_dtype), const, cfg
 
 
-def heaviest(spec: KernelSpec, dtype: torch.dtype, cfg: KernelConfig) -> tuple:
+def heaviest(spec: KernelSpec, dtype: torch.dtype, cfg: KernelConfig, ref_dtype: Optional[torch.dtype] = None) -> tuple:
     """The variant with the most features on (the last of the full enumeration)."""
-    return list(variants(spec, dtype, cfg, full=True))[-1]
+    return list(variants(spec, dtype, cfg, full=True, ref_dtype=ref_dtype))[-1]
+
+
+def mixed_variants(dtype: torch.dtype, dtypes: List[torch.dtype]) -> Iterator[tuple]:
+    """The heaviest variant of each kernel with the reference in each other dtype of ``dtypes``:
+    the reference tile's tl.dot then reads another dtype than the policy's (pointer types and
+    operand layouts differ between the two logit tiles of one kernel)."""
+    for ref_dtype in dtypes:
+        if ref_dtype != dtype:
+            for spec in SPECS:
+                yield heaviest(spec, dtype, cuda_config(spec.kind, dtype), ref_dtype)
 
 
 _REGS = re.compile(r"Used (\d+) registers")
@@ -170,6 +196,25 @@ def compile_variant(fn, sig, const, target, cfg) -> Tuple[object, str]:
     return kernel, usage
 
 
+# The variants to compile, set before the worker processes fork: they index it (a JIT kernel
+# object does not pickle, and forked workers inherit it for free).
+_TODO: List[tuple] = []
+
+
+def _compile_one(job: Tuple[int, int]) -> Tuple[bool, str]:
+    """Compile ``_TODO[i]`` for sm_``arch``; ``(ok, report line)``."""
+    i, arch = job
+    label, fn, sig, const, cfg = _TODO[i]
+    try:
+        k, usage = compile_variant(fn, sig, const, GPUTarget("cuda", arch, 32), cfg)
+    except Exception as exc:  # report every variant, then fail
+        return False, f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    shared = k.metadata.shared
+    if shared > SM90_MAX_SHARED:
+        return False, f"FAIL {label}: needs {shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED}"
+    return True, f"ok   {label:60s} smem={shared}B {usage}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -178,33 +223,32 @@ def main() -> int:
                     help="every flag combination (slow); default: a representative subset")
     ap.add_argument("--space", action="store_true",
                     help="instead: every config of the TOKPO_AUTOTUNE tuning space, all features on")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="compile this many variants at once (default: one per CPU core)")
     args = ap.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
     want = {v: k for k, v in _DT.items()}
-    failures = 0
-    for name in args.dtypes.split(","):
-        dtype = want[name]
-        todo = []
+    dtypes = [want[name] for name in args.dtypes.split(",")]
+    for dtype in dtypes:
         for spec in SPECS:
             if args.space:
                 for cfg in tuning_space(spec.kind, dtype):
                     label, *rest = heaviest(spec, dtype, cfg)
-                    todo.append((f"{label} {cfg}", *rest))
+                    _TODO.append((f"{label} {cfg}", *rest))
             else:
-                todo += variants(spec, dtype, cuda_config(spec.kind, dtype), args.all)
-        for label, fn, sig, const, cfg in todo:
-            try:
-                k, usage = compile_variant(fn, sig, const, target, cfg)
-                md = k.metadata
-                if md.shared > SM90_MAX_SHARED:
-                    failures += 1
-                    print(f"FAIL {label}: needs {md.shared} B of shared memory, sm_90 allows {SM90_MAX_SHARED}")
-                    continue
-                print(f"ok   {label:60s} smem={md.shared}B {usage}", flush=True)
-            except Exception as exc:  # report every variant, then fail
-                failures += 1
-                print(f"FAIL {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", flush=True)
-    return 1 if failures else 0
+                _TODO.extend(variants(spec, dtype, cuda_config(spec.kind, dtype), args.all))
+        if not args.space:
+            _TODO.extend(mixed_variants(dtype, dtypes))
+    jobs = [(i, args.arch) for i in range(len(_TODO))]
+    # Each variant is an independent, CPU-bound compile (MLIR passes, then ptxas): on 2 cores two
+    # at a time halve the wall time. Workers are forked, so they share the already-built kernels.
+    if args.jobs > 1:
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            results = list(pool.imap(_compile_one, jobs))
+    else:
+        results = [_compile_one(job) for job in jobs]
+    for _, line in results:
+        print(line, flush=True)
+    return 0 if all(ok for ok, _ in results) else 1
 
 
 if __name__ == "__main__":

@@ -96,8 +96,17 @@ def available_backends(device: DeviceLike = "cpu") -> Tuple[str, ...]:
 def resolve_impl(impl: str, device: DeviceLike) -> str:
     """The backend name behind ``impl`` on ``device``: ``"auto"`` picks the available backend of
     highest priority for the device type; an explicit name must be available (else ``ValueError``
-    with the reason and the fix)."""
+    with the reason and the fix).
+
+    On the ``meta`` device no backend runs (the custom ops' fake implementations give the shapes),
+    so an explicit name is accepted without its availability check and ``"auto"`` resolves as on
+    the CPU (whose choice takes every dtype).
+    """
     dev = _device(device)
+    if dev.type == "meta":
+        if impl == "auto":
+            return resolve_impl("auto", "cpu")
+        return backend_entry(impl).name
     if impl == "auto":
         candidates = [
             e for e in _ENTRIES.values() if dev.type in e.auto_devices and e.unavailable(dev) is None

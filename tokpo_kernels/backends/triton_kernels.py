@@ -1,7 +1,9 @@
 """``impl="triton"``: the Triton kernels of ``tokpo_kernels.kernels`` behind the backend seam.
 
 Registering it imports nothing from Triton (see ``tokpo_kernels._compat``): the kernels are built
-on first use, so callers may still set ``TRITON_INTERPRET=1`` after ``import tokpo_kernels``.
+on first use, so callers may still set ``TRITON_INTERPRET=1`` after ``import tokpo_kernels`` (but
+before anything imports ``triton``: otherwise ``impl="triton"`` is refused with a ``ValueError``
+that says so, see ``_compat.triton_mode_mismatch``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from tokpo_kernels._compat import HAS_TRITON, triton_interpreter_enabled
+from tokpo_kernels._compat import HAS_TRITON, triton_interpreter_enabled, triton_mode_mismatch
 from tokpo_kernels._types import BackwardInputs, HeadGrads, HeadTensors, ImplParams, RawStats, TargetRows
 from tokpo_kernels.backends.registry import BackendEntry, register_backend
 
@@ -23,7 +25,9 @@ def _unavailable(device: torch.device) -> Optional[str]:
             f"needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got device {device}; "
             "use impl='torch' on CPU"
         )
-    return None
+    # Checked here, before any kernel runs: a mode mismatch (triton imported before
+    # TRITON_INTERPRET=1 was set, ...) otherwise fails deep inside the first launch.
+    return triton_mode_mismatch()
 
 
 class TritonBackend:

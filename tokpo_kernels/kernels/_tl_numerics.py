@@ -2,8 +2,14 @@
 the logit tile and its transform, the online-softmax updates of the forward, and the universal
 gradient ``dz_tile`` of the backward.
 
-Policy: fp32 accumulators for logits and statistics, int64 row offsets, -inf for masked columns in
-max reductions and 0 in sums (selected with ``tl.where`` so that ``0·(−inf)`` never forms a NaN).
+Policy: fp32 accumulators for logits and statistics, -inf for masked columns in max reductions and
+0 in sums (selected with ``tl.where`` so that ``0·(−inf)`` never forms a NaN). Addressing: every
+index that is multiplied by a stride or a row length is int64 first (rows, vocabulary columns,
+hidden columns): a transposed view such as ``W.t()`` of a (D, V) matrix has
+``stride_wd = V``, and ``d·V`` passes 2³¹ at V = 256000, D ≈ 8400, where an int32 product would
+wrap and read out of bounds. What stays int32 cannot pass 2³¹: offsets below V or N (biases are
+made contiguous by the launcher) and the target slot ``j·stride_tj`` (the ops hand over freshly
+built, contiguous (N, J) ids, so ``stride_tj = 1``).
 
 Online accumulators per row, for the policy logits ``z`` with running max ``m``::
 
@@ -58,7 +64,7 @@ def logit_tile(
     h_rows = h_ptr + rows[:, None] * stride_hn
     w_cols = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # int64: d·stride may pass 2³¹ (module docstring)
         d_mask = offs_d < D
         h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_cols + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)

@@ -55,7 +55,7 @@ def _backward_kernel(
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     USE_Q: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_SUM: tl.constexpr, FILTER: tl.constexpr,
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, REF_UPCAST: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     # Grouped program order: GROUP_N row blocks sweep the vocabulary together, so a W tile is
@@ -96,7 +96,7 @@ def _backward_kernel(
         g_p = g_p + g_kl
         zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
                         stride_rhn, stride_rhd, stride_rwv, stride_rwd,
-                        HAS_REF_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                        HAS_REF_BIAS, REF_UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         zr = transform_logits(zr, inv_temperature, softcap, HAS_SOFTCAP)
         logq = zr - tl.load(ref_lse_ptr + rows, mask=row_mask, other=0.0)[:, None]
     if USE_ENTROPY:
@@ -128,7 +128,7 @@ def _backward_kernel(
     h_rows = h_ptr + rows[:, None] * stride_hn
     w_cols = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
     for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # int64: d·stride may pass 2³¹ (see _tl_numerics)
         d_mask = offs_d < D
         if NEED_DH:
             w = tl.load(w_cols + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
@@ -157,12 +157,14 @@ def launch_backward(
     g_logit_sum: Optional[torch.Tensor],
     dh: Optional[torch.Tensor], dw: Optional[torch.Tensor], db: Optional[torch.Tensor],
     *, inv_temperature: float, softcap: Optional[float], filter_eps: Optional[float], upcast: bool,
-    dot_precision: str, block_n: int, block_v: int, block_d: int, group_n: int, num_warps: int, num_stages: int,
+    dot_precision: str, ref_upcast: bool, ref_dot_precision: str,
+    block_n: int, block_v: int, block_d: int, group_n: int, num_warps: int, num_stages: int,
 ) -> None:
     """Accumulate into the zero-initialised fp32 buffers ``dh (N, D)``, ``dw (V, D)``, ``db (V,)``.
 
     ``filter_eps`` (None: exact) skips tiles with every probability below it and no target; it is
-    ignored when ``g_logit_sum`` is given.
+    ignored when ``g_logit_sum`` is given. ``upcast`` / ``dot_precision`` are the policy's ``tl.dot``
+    flags, ``ref_upcast`` / ``ref_dot_precision`` those of the recomputed reference tile.
     """
     # A logit-sum cotangent puts g_Σ on every column, however small p is there, so no tile is
     # ever negligible: the filter would drop real gradient. Exact mode then.
@@ -198,7 +200,8 @@ def launch_backward(
         HAS_BIAS=b is not None, HAS_REF_BIAS=use_q and rb is not None, HAS_SOFTCAP=softcap is not None,
         USE_Q=use_q, USE_ENTROPY=g_entropy is not None, USE_SUM=g_logit_sum is not None, FILTER=use_filter,
         NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
-        UPCAST=upcast, DOT_PRECISION=dot_precision, GROUP_N=group_n, **blocks,
+        UPCAST=upcast, DOT_PRECISION=dot_precision, REF_UPCAST=ref_upcast, REF_DOT_PRECISION=ref_dot_precision,
+        GROUP_N=group_n, **blocks,
     )
 
 

@@ -52,7 +52,7 @@ def _forward_stats_kernel(
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NEED_KL: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SUM: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, REF_UPCAST: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -91,7 +91,7 @@ def _forward_stats_kernel(
         if HAS_REF:
             zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
                             stride_rhn, stride_rhd, stride_rwv, stride_rwd,
-                            HAS_REF_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
+                            HAS_REF_BIAS, REF_UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             zr = transform_logits(zr, inv_temperature, softcap, HAS_SOFTCAP)
             zr = tl.where(col_mask[None, :], zr, float("-inf"))
             store_target_logits(zr, tgt_ptr, ref_tgt_logit_ptr, rows, row_mask, offs_v, col_mask, J,
@@ -102,8 +102,9 @@ def _forward_stats_kernel(
                 mr, sr, a, _ = online_softmax_step(mr, sr, a, zr, False)
 
     # Only the planes the flags ask for are written; split_stats reads exactly those.
-    split_base = part_ptr + pid_s * N + rows
-    plane = tl.num_programs(1) * N
+    # int64: NUM_PARTIALS·splits·N may pass 2³¹ (rows is int64 already).
+    split_base = part_ptr + pid_s.to(tl.int64) * N + rows
+    plane = tl.num_programs(1).to(tl.int64) * N
     tl.store(split_base + P_M * plane, m, mask=row_mask)
     tl.store(split_base + P_S * plane, s, mask=row_mask)
     if NEED_ENTROPY:
@@ -124,10 +125,13 @@ def launch_forward_stats(
     tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], partials: torch.Tensor,
     *, splits: int, inv_temperature: float, softcap: Optional[float],
     need_kl: bool, need_entropy: bool, need_sum: bool, upcast: bool, dot_precision: str,
+    ref_upcast: bool, ref_dot_precision: str,
     block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int,
 ) -> None:
     """Launch the forward kernel; every output buffer is written for the valid rows only (and
-    ``partials`` only in the planes the flags ask for)."""
+    ``partials`` only in the planes the flags ask for). ``upcast`` / ``dot_precision`` are the
+    policy's ``tl.dot`` flags, ``ref_upcast`` / ``ref_dot_precision`` the reference's: each model's
+    logits come from its own dtype."""
     n, d = h.shape
     v = w.shape[0]
     has_ref = rh is not None
@@ -152,7 +156,8 @@ def launch_forward_stats(
         inv_temperature, softcap if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_REF=has_ref, HAS_REF_BIAS=rb is not None,
         HAS_SOFTCAP=softcap is not None, NEED_KL=need_kl, NEED_ENTROPY=need_entropy, NEED_SUM=need_sum,
-        UPCAST=upcast, DOT_PRECISION=dot_precision, **blocks,
+        UPCAST=upcast, DOT_PRECISION=dot_precision, REF_UPCAST=ref_upcast, REF_DOT_PRECISION=ref_dot_precision,
+        **blocks,
     )
 
 

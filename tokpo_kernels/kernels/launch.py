@@ -7,7 +7,9 @@ Statistics and gradients are accumulated in fp32 whatever the input dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import threading
+from typing import ContextManager, Optional, Tuple
 
 import torch
 
@@ -24,6 +26,19 @@ from tokpo_kernels.kernels.forward_stats import NUM_PARTIALS, launch_forward_sta
 # of Triton's fp32 modes is torch's single-pass bf16 "medium"; TF32, which "medium" also permits, is
 # the closest.)
 _FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
+# Triton's interpreter is not thread-safe: a launch swaps interpreter versions into the
+# triton.language module for its duration and keeps the current program id in one global, so two
+# threads launching at once fail inside Triton (e.g. "Did you forget to add @triton.jit ?") or
+# leave triton.language patched. Interpreted launches therefore take this lock; compiled (CUDA)
+# launches never do.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch_guard() -> ContextManager[object]:
+    """The interpreter lock under ``TRITON_INTERPRET=1``, else nothing."""
+    return _INTERPRETER_LOCK if triton_interpreter_enabled() else contextlib.nullcontext()
 
 
 def _compaction(row_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -72,15 +87,19 @@ def triton_forward(head: seam.HeadTensors, targets: seam.TargetRows, params: sea
     ref_tgt_logit = empty_output(n, j, dtype=torch.float32, device=dev) if has_ref else None
     partials = empty_output(NUM_PARTIALS, splits, n, dtype=torch.float32, device=dev)
     upcast, precision = _kernel_flags(h.dtype)
-    launch_forward_stats(
-        h, w, _vec(b), rh, rw, _vec(rb), _ids(targets.ids), row_index, n_valid,
-        tgt_logit, ref_tgt_logit, partials,
-        splits=splits, inv_temperature=1.0 / params.temperature, softcap=params.softcap,
-        need_kl=params.kl, need_entropy=params.entropy, need_sum=params.logit_sum,
-        upcast=upcast, dot_precision=precision,
-        block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    # The reference may be in another dtype than the policy (a bf16 reference beside an fp32
+    # policy): its tile gets its own flags, so that each model's tl.dot reads its own dtype.
+    ref_upcast, ref_precision = _kernel_flags(rh.dtype) if has_ref else (upcast, precision)
+    with _launch_guard():
+        launch_forward_stats(
+            h, w, _vec(b), rh, rw, _vec(rb), _ids(targets.ids), row_index, n_valid,
+            tgt_logit, ref_tgt_logit, partials,
+            splits=splits, inv_temperature=1.0 / params.temperature, softcap=params.softcap,
+            need_kl=params.kl, need_entropy=params.entropy, need_sum=params.logit_sum,
+            upcast=upcast, dot_precision=precision, ref_upcast=ref_upcast, ref_dot_precision=ref_precision,
+            block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return merge_splits(
         partials, tgt_logit, ref_tgt_logit, has_ref=has_ref, need_kl=params.kl,
         need_entropy=params.entropy, need_max=params.max_logit, need_sum=params.logit_sum,
@@ -107,16 +126,18 @@ def triton_backward(
     use_q = grads.g_kl is not None
     use_entropy = grads.g_entropy is not None
     upcast, precision = _kernel_flags(h.dtype)
-    launch_backward(
-        h, w, _vec(b), rh if use_q else None, rw if use_q else None, _vec(rb) if use_q else None,
-        _ids(targets.ids), row_index, n_valid,
-        _f32(saved.lse), _f32(saved.ref_lse) if use_q else None, _f32(saved.entropy) if use_entropy else None,
-        _f32(grads.g_lse), _f32(grads.g_tgt), _f32(grads.g_kl), _f32(grads.g_entropy), _f32(grads.g_logit_sum),
-        dh, dw, db,
-        inv_temperature=1.0 / params.temperature, softcap=params.softcap,
-        filter_eps=params.filter_eps,  # already resolved to None or a float by ops
-        upcast=upcast, dot_precision=precision,
-        block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ref_upcast, ref_precision = _kernel_flags(rh.dtype) if use_q else (upcast, precision)
+    with _launch_guard():
+        launch_backward(
+            h, w, _vec(b), rh if use_q else None, rw if use_q else None, _vec(rb) if use_q else None,
+            _ids(targets.ids), row_index, n_valid,
+            _f32(saved.lse), _f32(saved.ref_lse) if use_q else None, _f32(saved.entropy) if use_entropy else None,
+            _f32(grads.g_lse), _f32(grads.g_tgt), _f32(grads.g_kl), _f32(grads.g_entropy), _f32(grads.g_logit_sum),
+            dh, dw, db,
+            inv_temperature=1.0 / params.temperature, softcap=params.softcap,
+            filter_eps=params.filter_eps,  # already resolved to None or a float by ops
+            upcast=upcast, dot_precision=precision, ref_upcast=ref_upcast, ref_dot_precision=ref_precision,
+            block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return seam.HeadGrads(dh, dw, db)

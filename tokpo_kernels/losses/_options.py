@@ -46,6 +46,7 @@ class HeadOptions(NamedTuple):
     impl: str = "auto"
     filter_eps: Optional[Union[float, str]] = None
     process_group: Optional[dist.ProcessGroup] = None
+    validate: str = "async"
 
     def stats(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -58,7 +59,7 @@ class HeadOptions(NamedTuple):
             hidden, weight, targets, bias=self.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
             ref_bias=self.ref_bias if ref_bias is None else ref_bias, kl=kl, entropy=entropy,
             ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, impl=self.impl,
-            filter_eps=self.filter_eps, process_group=self.process_group,
+            filter_eps=self.filter_eps, process_group=self.process_group, validate=self.validate,
         )
 
 
@@ -79,6 +80,10 @@ OPTION_DOCS: Dict[str, str] = {
                   "backward of :func:`tokpo_kernels.linear_vocab_stats`.",
     "process_group": "vocabulary parallelism: the head's weights (and biases) hold this rank's rows; see "
                      ":func:`tokpo_kernels.linear_vocab_stats`.",
+    "validate": "``\"async\"`` (default) or ``\"sync\"``: how a target id outside ``[0, V)`` is reported. On "
+                "CPU always a ``ValueError``; on CUDA ``\"async\"`` is a device-side assert (no host sync; a "
+                "later call fails and the CUDA context is lost) and ``\"sync\"`` a ``ValueError`` at the cost of "
+                "one host sync; see :func:`tokpo_kernels.linear_vocab_stats`.",
 }
 
 _KW = inspect.Parameter.KEYWORD_ONLY

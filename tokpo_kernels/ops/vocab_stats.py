@@ -22,6 +22,18 @@ owning the id) and ``−Σ_j g_j`` on ``lse`` (applied by every rank: ``lse`` sp
 vocabulary). ``ref_logp`` and ``max_logit`` are non-differentiable; ``kl`` is clamped at 0 in forward
 (rounding only; documented) and its gradient is the unclamped one. Double backward is not supported
 (the backward op has no autograd formula; PyTorch says so if one is attempted).
+
+``torch.func``: the autograd that ``register_autograd`` installs is an ``autograd.Function`` that
+torch generates without a ``setup_context`` (``torch/_library/autograd.py``, torch 2.13), and
+functorch's ``grad``/``vjp`` refuse such a Function. So while a functorch transform is active (and
+only then: eager autograd and ``torch.compile`` keep the plain custom op), the forward op is called
+through ``_FunctorchVocabStats``, an ``autograd.Function`` with the same ``_setup_context`` and
+``_backward``; functorch runs its forward one level down, where the custom op sees plain tensors.
+``torch.vmap`` and forward-mode AD are refused before any kernel (``refuse_unsupported_transforms``):
+the ops have no batching rule (none is needed: the public function takes any leading token shape)
+and no forward derivative. ``jacrev`` works: it vmaps only the backward, which
+``_FunctorchVocabStatsBackward`` runs once per cotangent. Meta tensors reach the fake
+implementations (registered by ``register_fake`` as the ops' Meta kernels): nothing runs.
 """
 
 from __future__ import annotations
@@ -207,7 +219,8 @@ def _backward(ctx: Any, g_logp, g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_ent, _g_
     g_lse_total = (g_lse_total - g_logp.sum(-1)).contiguous()
     g_tgt = torch.where(ids >= 0, g_logp, zero).contiguous()
     temperature, softcap, filter_eps, impl, group_name = ctx.options
-    dh, dw, db = vocab_stats_backward(
+    backward_op = _FunctorchVocabStatsBackward.apply if _functorch_active() else vocab_stats_backward
+    dh, dw, db = backward_op(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid,
         lse, _present(ref_lse), _present(ent), g_lse_total, g_tgt, g_kl, g_ent, g_sum,
         temperature, softcap, filter_eps, impl, group_name, need_dh, need_dw, need_db,
@@ -216,6 +229,71 @@ def _backward(ctx: Any, g_logp, g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_ent, _g_
 
 
 vocab_stats_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FunctorchVocabStats(torch.autograd.Function):
+    """``vocab_stats_forward`` with its autograd, in the form functorch's ``grad``/``vjp`` accept
+    (a ``setup_context``; see the module docstring). Used only while a functorch transform runs."""
+
+    @staticmethod
+    def forward(*args: Any) -> Tuple[Tensor, ...]:
+        return vocab_stats_forward(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        return _backward(ctx, *grads)
+
+
+class _FunctorchVocabStatsBackward(torch.autograd.Function):
+    """``vocab_stats_backward`` as functorch accepts it (the op's own generated autograd is refused
+    there too). Its derivative is not implemented: a second-order transform (``grad`` of ``grad``,
+    ``hessian``) raises when it needs one, as double backward does under eager autograd, instead
+    of silently differentiating a constant. ``jacrev`` vmaps the backward: the generated rule runs
+    the op once per cotangent (torch's batched fallback)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args: Any) -> Tuple[Tensor, ...]:
+        return vocab_stats_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        raise RuntimeError(
+            "second-order derivatives through linear_vocab_stats are not supported (torch.func.grad of "
+            "torch.func.grad, hessian, double backward): its backward has no derivative of its own"
+        )
+
+
+def _functorch_active() -> bool:
+    # is_compiling() first: Dynamo then never sees the C query, and a compiled graph keeps the op.
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def refuse_unsupported_transforms() -> None:
+    """``ValueError`` under ``torch.vmap`` and forward-mode AD (see the module docstring)."""
+    if not _functorch_active():
+        return
+    kinds = {level.key() for level in torch._C._functorch.get_interpreter_stack() or ()}
+    transform = torch._C._functorch.TransformType
+    if transform.Jvp in kinds:
+        raise ValueError(
+            "linear_vocab_stats and the losses do not support forward-mode AD (torch.func.jvp, jacfwd, "
+            "hessian): their custom ops have a backward only; use torch.func.vjp, grad or jacrev"
+        )
+    if transform.Vmap in kinds:
+        raise ValueError(
+            "linear_vocab_stats and the losses do not support torch.vmap (their custom ops have no "
+            "batching rule); they take any leading token shape: pass the batched tensors directly"
+        )
 
 
 def vocab_stats_2d(
@@ -248,7 +326,8 @@ def vocab_stats_2d(
         ids = torch.where(target_valid, targets, torch.full_like(targets, -1))
     else:
         ids = localize_targets(targets, target_valid, shard)
-    logp, lse, ref_logp, _ref_lse, kl, ent, max_logit, logit_sum = vocab_stats_forward(
+    forward = _FunctorchVocabStats.apply if _functorch_active() else vocab_stats_forward
+    logp, lse, ref_logp, _ref_lse, kl, ent, max_logit, logit_sum = forward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid,
         params.temperature, params.softcap, params.kl, params.entropy, params.max_logit, params.logit_sum,
         resolve_filter_eps(params.filter_eps, hidden.dtype),
