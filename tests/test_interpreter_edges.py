@@ -76,11 +76,15 @@ def test_two_threads_give_the_serial_results(impl: str, impl_device: str) -> Non
                 assert_close(results[tid][r][name], want, rtol=1e-5, atol=1e-6, name=f"thread {tid} round {r} {name}")
 
 
-def _run(script: str) -> subprocess.CompletedProcess:
+def _run_json(script: str) -> dict:
+    """Run ``script`` in a fresh interpreter without TRITON_INTERPRET; the JSON of its last line."""
+    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", script], capture_output=True, text=True, env=env,
                           timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 TRITON_FIRST = r"""
@@ -105,10 +109,7 @@ print(json.dumps(out))
 
 @pytest.mark.slow  # a fresh interpreter per case (seconds each): CI runs it, -m "not slow" skips it
 def test_triton_imported_before_the_interpreter_flag_is_refused_clearly() -> None:
-    pytest.importorskip("triton")
-    proc = _run(TRITON_FIRST)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = _run_json(TRITON_FIRST)
     assert got["error"] is not None, "impl='triton' ran although triton was imported in compiled mode"
     kind, msg = got["error"]
     assert kind == "ValueError", f"expected a ValueError naming the fix, got {kind}: {msg[:500]}"
@@ -137,10 +138,7 @@ print(json.dumps(states))
 
 @pytest.mark.slow  # a fresh interpreter per case (seconds each): CI runs it, -m "not slow" skips it
 def test_mode_mismatch_is_detected_in_each_direction() -> None:
-    pytest.importorskip("triton")
-    proc = _run(MODE_STATES)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = _run_json(MODE_STATES)
     assert got["before_import"] is None and got["consistent"] is None, got
     assert got["flag_removed"] and "while TRITON_INTERPRET=1 was set" in got["flag_removed"], got
     assert got["kernels_other_mode"] and "built for the GPU" in got["kernels_other_mode"], got
