@@ -146,6 +146,7 @@ def _valid():
     "mutate, kwargs, exc, pattern",
     [
         (lambda a: a, {"temperature": 0.0}, ValueError, r"temperature: expected a finite number > 0"),
+        (lambda a: a, {"temperature": 1e3}, ValueError, r"temperature: expected a finite number > 0 and <= 100"),
         (lambda a: a, {"kl_weight": -1.0}, ValueError, r"kl_weight: expected a finite number >= 0"),
         (lambda a: a, {"ce_weight": float("nan")}, ValueError, r"ce_weight"),
         (lambda a: a[:3] + (a[3][:, :2], a[4]), {}, ValueError,

@@ -428,3 +428,25 @@ def test_losses_pass_validate_to_the_statistics(gen: torch.Generator, monkeypatc
     tk.dpo_loss(h, w, y, h, w, validate="sync")
     tk.dpo_loss(h, w, y, h, w)
     assert seen == ["sync", "async"]
+
+
+# --------------------------------------------------------------------------------------------
+# Found by an independent bad-input probe: an ignore_index beyond int64 and non-bool flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_ignore_index_beyond_int64_is_refused_clearly() -> None:
+    """Compared with int64 ids, a larger Python int raised OverflowError inside torch."""
+    h, w, y = torch.randn(7, 6), torch.randn(17, 6), torch.randint(0, 17, (7,))
+    with pytest.raises(ValueError, match=r"ignore_index: expected an int64 value .* got 1180591620717411303424"):
+        tk.linear_vocab_stats(h, w, y, ignore_index=2**70, impl="torch")
+
+
+@pytest.mark.parametrize("flag", ["kl", "entropy", "max_logit", "mean_logit"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_yes_no_options_must_be_bools(flag: str, value: object) -> None:
+    """``entropy="no"`` read as true before; every yes/no option now takes a bool only."""
+    h, w, y = torch.randn(5, 4), torch.randn(9, 4), torch.randint(0, 9, (5,))
+    ref = dict(ref_hidden=torch.randn(5, 4), ref_weight=torch.randn(9, 4))
+    with pytest.raises(TypeError, match=rf"{flag}: expected a bool \(True or False\), got"):
+        tk.linear_vocab_stats(h, w, y, impl="torch", **ref, **{flag: value})

@@ -23,6 +23,16 @@ def _shape(t: torch.Tensor) -> Tuple[int, ...]:
     return tuple(t.shape)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_flags(**flags: object) -> None:
+    """Every yes/no option must be a ``bool``: ``entropy="no"`` would otherwise read as true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r}")
+
+
 def check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -231,6 +241,9 @@ def validate_vocab_stats_inputs(
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        # Compared with int64 ids on the device: a larger Python int cannot be converted.
+        raise ValueError(f"ignore_index: expected an int64 value in [-2**63, 2**63), got {ignore_index}")
     if bias is not None:
         bias = check_tensor("bias", bias)
         if _shape(bias) != (vocab,):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tokpo_kernels._types import ImplParams, VocabStats
-from tokpo_kernels._validation import check_target_range, validate_vocab_stats_inputs
+from tokpo_kernels._validation import check_flags, check_target_range, validate_vocab_stats_inputs
 from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard
@@ -142,6 +142,7 @@ def linear_vocab_stats(
         # Cast before validating: an unsigned id compared with a negative ignore_index wraps around.
         targets = targets.long()
     refuse_unsupported_transforms()
+    check_flags(kl=kl, entropy=entropy, max_logit=max_logit, mean_logit=mean_logit)
     head, group = resolve_sharded_weights(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, process_group)
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = head
     token_shape, multi, resolved = validate_vocab_stats_inputs(
@@ -176,10 +177,10 @@ def linear_vocab_stats(
     params = ImplParams(
         temperature=float(temperature),
         softcap=None if softcap is None else float(softcap),
-        kl=bool(kl),
-        entropy=bool(entropy),
-        max_logit=bool(max_logit),
-        logit_sum=bool(mean_logit),
+        kl=kl,
+        entropy=entropy,
+        max_logit=max_logit,
+        logit_sum=mean_logit,
         filter_eps=filter_eps,
     )
 

@@ -38,6 +38,12 @@ def _check_teacher(
                              f"got {tuple(t_bias.shape)}")
 
 
+# The KL is accumulated in fp32 and shrinks like 1/T² as both distributions flatten, so its
+# rounding (≈ 1e-7 absolute) is amplified by T²: measured relative error of the loss 1.6e-4 at
+# T = 100, 1 % at T = 1e3, wrong by orders of magnitude at 1e5. Distillation uses T of 1–20.
+MAX_TEMPERATURE = 100.0
+
+
 @loss_function("DistillLoss", exclude=("ref_bias",))
 def distill_loss(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -70,8 +76,9 @@ def distill_loss(
         targets: ``(...)`` label ids; ``ignore_index`` marks positions that take no part.
         teacher_hidden, teacher_weight: the teacher's ``(..., D_teacher)`` hidden states and
             ``(V, D_teacher)`` lm-head weight; never receive gradient.
-        temperature: the distillation temperature ``T > 0``; divides the logits of student and
-            teacher in the KL term, as the shared ``temperature`` option of every loss does.
+        temperature: the distillation temperature ``0 < T <= 100``; divides the logits of student
+            and teacher in the KL term, as the shared ``temperature`` option of every loss does.
+            (Larger ``T`` is refused: the fp32 KL's rounding grows like ``T²`` in the loss.)
         kl_weight: weight ``>= 0`` of the ``T²``-scaled KL term.
         ce_weight: weight ``>= 0`` of the student's cross-entropy at ``T = 1`` (0: not computed).
         teacher_bias: optional ``(V,)`` bias of the teacher's lm-head.
@@ -84,7 +91,7 @@ def distill_loss(
     hidden = check_float_tensor("hidden", hidden)
     weight = check_float_tensor("weight", weight)
     _check_teacher(hidden, weight, teacher_hidden, teacher_weight, teacher_bias)
-    temperature = check_number("temperature", temperature, gt=0.0)
+    temperature = check_number("temperature", temperature, gt=0.0, le=MAX_TEMPERATURE)
     kl_weight = check_number("kl_weight", kl_weight, ge=0.0)
     ce_weight = check_number("ce_weight", ce_weight, ge=0.0)
 
