@@ -53,6 +53,9 @@ from conftest import IMPL_GROUPS, impl_device
 from oracle import fuzz as fz
 from tokpo_kernels.backends import backend_entry
 
+# A fuzz of ~30 s: CI's plain `python -m pytest` runs it, the inner loop's -m "not slow" skips it.
+pytestmark = pytest.mark.slow
+
 EXAMPLES = int(os.environ.get("TOKPO_FUZZ_EXAMPLES", "50"))
 _DEADLINE = os.environ.get("TOKPO_FUZZ_DEADLINE_MS")
 DEADLINE_MS: Optional[float] = float(_DEADLINE) if _DEADLINE else None
