@@ -125,6 +125,11 @@ class TargetRows(NamedTuple):
     owned: torch.Tensor
     row_valid: torch.Tensor
 
+    def safe_ids(self) -> torch.Tensor:
+        """``ids`` with every id that is not owned replaced by 0: a valid column for gathers and
+        scatters whose values there are masked (``g_j = 0``, ``owned`` false)."""
+        return torch.where(self.owned, self.ids, torch.zeros_like(self.ids))
+
 
 class RawStats(NamedTuple):
     """What a backend's forward pass returns, on flattened tokens (N rows), in any float dtype.

@@ -49,10 +49,15 @@ def check_float_tensor(name: str, value: object) -> torch.Tensor:
     return t
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` can hold token ids: any integer dtype (not float, complex or bool)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_int(name: str, t: torch.Tensor) -> None:
-    """``t`` must hold integer token ids (not float, complex or bool)."""
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name}: expected integer token ids (torch.long), got dtype {t.dtype}")
+    """``t`` must hold integer token ids (``is_integer_dtype``)."""
+    if not is_integer_dtype(t.dtype):
+        raise TypeError(f"{name}: expected integer token ids (any integer dtype, e.g. torch.long), got dtype {t.dtype}")
 
 
 def check_same_device(named: Sequence[Tuple[str, Optional[torch.Tensor]]]) -> None:

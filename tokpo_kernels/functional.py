@@ -13,15 +13,12 @@ import torch
 import torch.distributed as dist
 
 from tokpo_kernels._types import ImplParams, VocabStats
-from tokpo_kernels._validation import check_flags, check_target_range, validate_vocab_stats_inputs
+from tokpo_kernels._validation import check_flags, check_target_range, is_integer_dtype, validate_vocab_stats_inputs
 from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard
 from tokpo_kernels.numerics import accum_dtype
 from tokpo_kernels.ops.vocab_stats import refuse_unsupported_transforms, vocab_stats_2d
-
-# Integer target dtypes accepted and cast once to int64 (what gathers and the kernels index with).
-_NARROW_IDS = (torch.uint8, torch.int8, torch.int16, torch.int32)
 
 
 def _bias_for(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -138,8 +135,9 @@ def linear_vocab_stats(
     ``ValueError``; second-order reverse mode (``grad`` of ``grad``) raises ``RuntimeError`` when the
     second derivative is needed, as double backward does under eager autograd.
     """
-    if isinstance(targets, torch.Tensor) and targets.dtype in _NARROW_IDS:
-        # Cast before validating: an unsigned id compared with a negative ignore_index wraps around.
+    if isinstance(targets, torch.Tensor) and targets.dtype != torch.int64 and is_integer_dtype(targets.dtype):
+        # Any integer dtype is cast once to the int64 that gathers and the kernels index with, before
+        # validating: an unsigned id compared with a negative ignore_index would wrap around.
         targets = targets.long()
     refuse_unsupported_transforms()
     check_flags(kl=kl, entropy=entropy, max_logit=max_logit, mean_logit=mean_logit)

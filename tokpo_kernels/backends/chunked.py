@@ -77,7 +77,7 @@ class _Compact:
     def __init__(self, targets: TargetRows):
         self.rows = targets.row_valid.nonzero().squeeze(1)
         self.all_valid = self.rows.numel() == targets.row_valid.numel()
-        self.safe_ids = self.take(torch.where(targets.owned, targets.ids, torch.zeros_like(targets.ids)))
+        self.safe_ids = self.take(targets.safe_ids())
 
     def take(self, t: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         if t is None:

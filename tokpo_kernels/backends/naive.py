@@ -1,4 +1,4 @@
-"""``impl="naive"``: materialise the full (N, V) logits; the backward is autograd through them.
+"""``impl="naive"``: materialise the full (N, V) logits, forward and backward.
 
 This is how the papers' reference code computes the statistics (up to its ``log(softmax)``, which
 is replaced by ``log_softmax`` so that it is NaN-free). It is deliberately plain: the matmul runs
@@ -43,7 +43,7 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], rows: t
 
 
 def _target_logits(z: torch.Tensor, targets: TargetRows) -> torch.Tensor:
-    return z.gather(-1, torch.where(targets.owned, targets.ids, torch.zeros_like(targets.ids)))
+    return z.gather(-1, targets.safe_ids())
 
 
 def _kl(ref_logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def _kl(ref_logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 
 class NaiveBackend:
-    """Full logits, plain formulas, autograd backward."""
+    """Full logits, plain formulas; the backward forms the whole (N, V) logit gradient at once."""
 
     def forward(self, head: HeadTensors, targets: TargetRows, params: ImplParams) -> RawStats:
         h, w, b, rh, rw, rb = head
@@ -81,8 +81,7 @@ class NaiveBackend:
             logq = torch.log_softmax(_logits(rh, rw, rb, targets.row_valid, params), dim=-1)
         # The whole (N, V) gradient of the logits at once, by the universal gradient (a backward
         # custom op runs below autograd, so it cannot differentiate through the logits itself).
-        safe_ids = torch.where(targets.owned, targets.ids, torch.zeros_like(targets.ids))
-        dz = universal_dz_(torch.log_softmax(z, dim=-1), grads, safe_ids, saved.entropy, logq)
+        dz = universal_dz_(torch.log_softmax(z, dim=-1), grads, targets.safe_ids(), saved.entropy, logq)
         transform_grad_(dz, raw, params.temperature, params.softcap)
         # The projection's gradients in the input dtype, as autograd through a bf16/fp16 lm-head
         # computes them (this backend is the low-precision baseline of the three-way test).
@@ -101,6 +100,6 @@ register_backend(
         name="naive",
         load=NaiveBackend,
         vocab_parallel=False,
-        summary="full (N, V) logits and autograd: the baseline the fused backends are measured against",
+        summary="full (N, V) logits: the baseline the fused backends are measured against",
     )
 )

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokpo_kernels._types import RawStats
+from tokpo_kernels._types import ImplParams, RawStats
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
     logit_tile,
@@ -175,9 +175,7 @@ def _autotuned_forward(dtype: torch.dtype):
     return triton.autotune(configs=configs, key=["V", "D", "D_REF", "J"])(_forward_stats_kernel)
 
 
-def split_stats(
-    partials: torch.Tensor, *, has_ref: bool, need_kl: bool, need_entropy: bool, need_max: bool, need_sum: bool,
-) -> RawStats:
+def split_stats(partials: torch.Tensor, has_ref: bool, params: ImplParams) -> RawStats:
     """Each split's accumulators as that split's local statistics, stacked on dim 0 (no target
     logits: the kernel writes those directly). Reads only the planes the kernel wrote.
 
@@ -199,30 +197,29 @@ def split_stats(
 
     m, s = plane(_M), plane(_S)
     log_s = s.log()
-    entropy = log_s - plane(_E) / s if need_entropy else None
+    entropy = log_s - plane(_E) / s if params.entropy else None
     ref_lse = kl = None
     if has_ref:
         s_r = plane(_SR)
         log_sr = s_r.log()
         ref_lse = plane(_MR) + log_sr
-        if need_kl:
+        if params.kl:
             kl = plane(_A) / s_r + log_s - log_sr
     return RawStats(
         None, m + log_s, None, ref_lse, kl, entropy,
         # The policy's row max is its running max m: max_logit costs nothing extra.
-        max_logit=m if need_max else None,
-        logit_sum=plane(_ZSUM) if need_sum else None,
+        max_logit=m if params.max_logit else None,
+        logit_sum=plane(_ZSUM) if params.logit_sum else None,
     )
 
 
 def merge_splits(
-    partials: torch.Tensor, tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], *,
-    has_ref: bool, need_kl: bool, need_entropy: bool, need_max: bool, need_sum: bool,
+    partials: torch.Tensor, tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], params: ImplParams,
 ) -> RawStats:
     """The global fp32 statistics of the kernel's output: every split's local statistics merged by
-    ``tokpo_kernels.partials.merge_local_stats`` (target logits pass through)."""
-    local = split_stats(partials, has_ref=has_ref, need_kl=need_kl, need_entropy=need_entropy,
-                        need_max=need_max, need_sum=need_sum)
+    ``tokpo_kernels.partials.merge_local_stats`` (target logits pass through; a reference is present
+    exactly when ``ref_tgt_logit`` is)."""
+    local = split_stats(partials, ref_tgt_logit is not None, params)
     merged = merge_local_stats(local, AxisReducer())
     f32 = lambda t: None if t is None else t.float()  # noqa: E731
     return RawStats(tgt_logit, f32(merged.lse), ref_tgt_logit, f32(merged.ref_lse), f32(merged.kl),

@@ -58,11 +58,6 @@ def _kernel_flags(dtype: torch.dtype) -> Tuple[bool, str]:
     return upcast, _FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
 
 
-def _ids(ids: torch.Tensor) -> torch.Tensor:
-    """The kernels read target ids as int32 or int64."""
-    return ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
-
-
 def _vec(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Biases are read with unit stride by the kernels."""
     return None if bias is None else bias.contiguous()
@@ -92,7 +87,7 @@ def triton_forward(head: seam.HeadTensors, targets: seam.TargetRows, params: sea
     ref_upcast, ref_precision = _kernel_flags(rh.dtype) if has_ref else (upcast, precision)
     with _launch_guard():
         launch_forward_stats(
-            h, w, _vec(b), rh, rw, _vec(rb), _ids(targets.ids), row_index, n_valid,
+            h, w, _vec(b), rh, rw, _vec(rb), targets.ids, row_index, n_valid,
             tgt_logit, ref_tgt_logit, partials,
             splits=splits, inv_temperature=1.0 / params.temperature, softcap=params.softcap,
             need_kl=params.kl, need_entropy=params.entropy, need_sum=params.logit_sum,
@@ -100,10 +95,7 @@ def triton_forward(head: seam.HeadTensors, targets: seam.TargetRows, params: sea
             block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return merge_splits(
-        partials, tgt_logit, ref_tgt_logit, has_ref=has_ref, need_kl=params.kl,
-        need_entropy=params.entropy, need_max=params.max_logit, need_sum=params.logit_sum,
-    )
+    return merge_splits(partials, tgt_logit, ref_tgt_logit, params)
 
 
 def triton_backward(
@@ -130,7 +122,7 @@ def triton_backward(
     with _launch_guard():
         launch_backward(
             h, w, _vec(b), rh if use_q else None, rw if use_q else None, _vec(rb) if use_q else None,
-            _ids(targets.ids), row_index, n_valid,
+            targets.ids, row_index, n_valid,
             _f32(saved.lse), _f32(saved.ref_lse) if use_q else None, _f32(saved.entropy) if use_entropy else None,
             _f32(grads.g_lse), _f32(grads.g_tgt), _f32(grads.g_kl), _f32(grads.g_entropy), _f32(grads.g_logit_sum),
             dh, dw, db,
