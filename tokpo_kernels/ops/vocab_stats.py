@@ -206,7 +206,7 @@ def _backward(ctx: Any, g_logp, g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_ent, _g_
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid, lse, ref_lse, ent = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]
-    none = (None,) * 17
+    none = (None,) * len(ctx.needs_input_grad)  # one gradient slot per input of vocab_stats_forward
     row_valid = target_valid.any(-1)
     g_kl, g_ent, g_sum = (_row_cotangent(g, row_valid) for g in (g_kl, g_ent, g_logit_sum))
     flows = g_logp is not None or g_lse is not None or g_kl is not None or g_ent is not None or g_sum is not None
