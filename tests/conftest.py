@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokpo_kernels.backends import (  # noqa: E402  (imported after the environment is set)
     available_backends,
     backend_entry,
-    backend_names,
+    concrete_backend_names,
     unavailable_reason,
 )
 
@@ -62,18 +62,23 @@ def _cpu_native_backends() -> Tuple[str, ...]:
 
 _CPU_NATIVE = _cpu_native_backends()
 
+# The backends that run code of their own: a dispatching entry (``impl="triton"``, which runs one
+# of the Triton strategies per device) is tested through the backends it picks among.
+_CONCRETE = concrete_backend_names()
+_CPU_NATIVE = tuple(n for n in _CPU_NATIVE if n in _CONCRETE)
+
 # The named groups of backends a test may ask for with ``@pytest.mark.impls(group)``, all from the registry.
 IMPL_GROUPS: Dict[str, Tuple[str, ...]] = {
-    # every registered backend (the default of a test that takes ``impl``)
-    "all": backend_names(),
+    # every concrete registered backend (the default of a test that takes ``impl``)
+    "all": _CONCRETE,
     # every backend except "naive", the full-logit baseline the fused ones are measured against
-    "fused": tuple(n for n in backend_names() if n != "naive"),
+    "fused": tuple(n for n in _CONCRETE if n != "naive"),
     # the backends that run CPU tensors natively: cheap enough for the full case lists on CPU inputs
     "cpu": _CPU_NATIVE,
     # the rest: on CPU they run only under the Triton interpreter (tiny shapes), on their device otherwise
-    "interpreted": tuple(n for n in backend_names() if n not in _CPU_NATIVE),
+    "interpreted": tuple(n for n in _CONCRETE if n not in _CPU_NATIVE),
     # the backends that may run under a process_group (vocabulary parallelism)
-    "vocab_parallel": tuple(n for n in backend_names() if backend_entry(n).vocab_parallel),
+    "vocab_parallel": tuple(n for n in _CONCRETE if backend_entry(n).vocab_parallel),
 }
 
 
@@ -124,9 +129,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
-        # Any test parametrised with impl="triton" gets the ``triton`` marker (``-m "not triton"``).
+        # Any test parametrised with a Triton backend gets the ``triton`` marker (``-m "not triton"``).
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("impl") == "triton":
+        if callspec is not None and str(callspec.params.get("impl", "")).startswith("triton"):
             item.add_marker(pytest.mark.triton)
 
 

@@ -21,7 +21,7 @@ P, K = "POSITIONAL_OR_KEYWORD", "KEYWORD_ONLY"
 REQUIRED = inspect.Parameter.empty
 SHARED = [("bias", K, None), ("ref_bias", K, None), ("ignore_index", K, -100), ("temperature", K, 1.0),
           ("softcap", K, None), ("impl", K, "auto"), ("filter_eps", K, None), ("process_group", K, None),
-          ("validate", K, "async")]
+          ("validate", K, "async"), ("chunk_budget", K, None)]
 PAIR = [("hidden", P, REQUIRED), ("weight", P, REQUIRED), ("targets", P, REQUIRED)]
 
 PINNED = {
@@ -46,7 +46,8 @@ PINNED = {
                                     ("label_smoothing", K, 0.0), ("z_loss", K, 0.0), ("token_weights", K, None),
                                     ("temperature", K, 1.0), ("softcap", K, None), ("impl", K, "auto"),
                                     ("filter_eps", K, None), ("process_group", K, None),
-                                    ("validate", K, "async"), ("weight_normalization", K, "tokens")],
+                                    ("validate", K, "async"), ("chunk_budget", K, None),
+                                    ("weight_normalization", K, "tokens")],
 }
 
 

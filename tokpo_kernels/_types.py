@@ -67,7 +67,8 @@ class ImplParams(NamedTuple):
     device". ``logit_sum`` asks for ``Σ_v z_v`` over this device's vocabulary rows (the op divides
     by the global ``V`` to form ``mean_logit``). ``filter_eps`` is ``None``, ``"auto"`` or a float as
     the user gave it, and resolved to ``None`` or a float (``resolve_filter_eps``) before a backend
-    sees it.
+    sees it. ``chunk_budget``: the Triton strategies' chunk memory as a fraction of the gradient
+    buffers (``kernels/chunking.py``; ``None``: ``$TOKPO_CHUNK_BUDGET`` or 10 %).
     """
 
     temperature: float = 1.0
@@ -77,6 +78,7 @@ class ImplParams(NamedTuple):
     max_logit: bool = False
     logit_sum: bool = False
     filter_eps: Optional[Union[float, str]] = None
+    chunk_budget: Optional[float] = None
 
     @property
     def transformed(self) -> bool:
@@ -147,14 +149,19 @@ class RawStats(NamedTuple):
     entropy: Optional[torch.Tensor] = None
     max_logit: Optional[torch.Tensor] = None
     logit_sum: Optional[torch.Tensor] = None
+    # (N,) int64, valid rows first: a backend that compacts the ignored rows returns its
+    # permutation here and finds it again in ``SavedStats.row_order`` (compacted once per step).
+    row_order: Optional[torch.Tensor] = None
 
 
 class SavedStats(NamedTuple):
-    """The global per-token statistics the forward saved for the backward (accumulation dtype)."""
+    """The global per-token statistics the forward saved for the backward (accumulation dtype),
+    and the forward's row permutation when its backend returned one (``RawStats.row_order``)."""
 
     lse: torch.Tensor
     ref_lse: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    row_order: Optional[torch.Tensor] = None
 
 
 class StatGrads(NamedTuple):
@@ -194,7 +201,9 @@ class BackwardInputs(NamedTuple):
 
 class HeadGrads(NamedTuple):
     """``(∂hidden, ∂weight, ∂bias)`` in the accumulation dtype, ``None`` where not needed. The
-    caller all-reduces ``∂hidden`` over ranks (vocabulary-parallel) and casts once."""
+    caller all-reduces ``∂hidden`` over ranks (vocabulary-parallel) and casts once. ``∂weight`` may
+    come in the weight's own dtype instead when the backend finishes each of its rows with one
+    fp32-accumulated GEMM (the Triton strategies): no fp32 copy of the whole ``∂W`` then exists."""
 
     hidden: Optional[torch.Tensor]
     weight: Optional[torch.Tensor]

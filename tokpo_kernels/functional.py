@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tokpo_kernels._types import ImplParams, VocabStats
-from tokpo_kernels._validation import check_flags, check_target_range, is_integer_dtype, validate_vocab_stats_inputs
+from tokpo_kernels._validation import check_number, check_flags, check_target_range, is_integer_dtype, validate_vocab_stats_inputs
 from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard
@@ -48,6 +48,7 @@ def linear_vocab_stats(
     max_logit: bool = False,
     mean_logit: bool = False,
     validate: str = "async",
+    chunk_budget: Optional[float] = None,
 ) -> VocabStats:
     """Per-token statistics of ``softmax(h Wᵀ + b)`` without materialising the (N, V) logits.
 
@@ -74,13 +75,17 @@ def linear_vocab_stats(
             (statistics 0, no gradient); the fused backends skip them before any matmul.
         temperature: divides the (soft-capped) logits; must be > 0.
         softcap: Gemma-style final-logit soft-capping value; must be > 0 when given.
-        impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (chunked PyTorch),
-            ``"naive"`` (full logits; the oracle) or ``"auto"`` (triton on CUDA, torch otherwise).
+        impl: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``: the device's default Triton
+            strategy, chunked on CUDA), ``"triton_chunked"`` / ``"triton_streaming"`` (one strategy;
+            ``docs/architecture.md``), ``"torch"`` (chunked PyTorch), ``"naive"`` (full logits; the
+            oracle) or ``"auto"`` (triton on CUDA, torch otherwise).
         filter_eps: opt-in approximation of the Triton backward: ``None`` (default, exact), a float,
             or ``"auto"`` (the input dtype's resolution, 2**-7 for bf16). Vocabulary tiles whose
-            policy (and reference) probabilities are all below it and that hold no target id are
-            skipped, so their contribution (below the dtype's resolution relative to the row's
-            gradient) is dropped. The torch and naive implementations ignore it (always exact).
+            policy (and reference) probabilities are all below it and that hold no target id get
+            zero gradient, so their contribution (below the dtype's resolution relative to the
+            row's gradient) is dropped. It no longer saves time (the Triton backward's GEMMs run
+            over whole chunks) and is kept for compatibility. The torch and naive implementations
+            ignore it (always exact).
         process_group: vocabulary parallelism. ``weight`` (and ``bias``, ``ref_weight``,
             ``ref_bias``) then hold this rank's rows ``[V_r × D]`` of a head split over the group's
             ranks in rank order (any ``V_r ≥ 1``); ``hidden`` and ``targets`` (global ids) must be the
@@ -111,6 +116,11 @@ def linear_vocab_stats(
             same as ``"async"``. While ``torch.compile`` traces, both modes compile to the device
             assert (a host read would break the graph). Vocabulary-parallel calls check against the
             global ``V`` after the first collective. Meta tensors hold no ids: nothing is checked.
+        chunk_budget: the Triton strategies' vocabulary-chunk buffers as a fraction of the gradient
+            buffers (``∂W``, the fp32 ``∂h`` accumulator and ``∂h``): ``None`` (default) reads
+            ``$TOKPO_CHUNK_BUDGET``, else 0.10, so peak extra memory stays within about 1.1× the
+            gradients. A larger budget means wider chunks (fewer, larger GEMMs); the result does not
+            depend on it beyond rounding. Ignored by the other backends (they do not chunk this way).
 
     Returns:
         ``VocabStats`` with ``logp`` (targets' shape), ``lse`` (token shape), ``ref_logp``,
@@ -180,6 +190,7 @@ def linear_vocab_stats(
         max_logit=max_logit,
         logit_sum=mean_logit,
         filter_eps=filter_eps,
+        chunk_budget=None if chunk_budget is None else check_number("chunk_budget", chunk_budget, gt=0, le=100),
     )
 
     dim = hidden.shape[-1]

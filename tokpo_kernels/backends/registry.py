@@ -36,6 +36,11 @@ class BackendEntry:
         emulated_devices: device types on which it runs only emulated (Triton's interpreter on CPU):
             correct, for tests, but far too slow to time; the benchmarks run it on tiny cases only.
         summary: one line for the docs and the error messages.
+        picks_among: non-empty for a *dispatching* entry, which runs one of these registered
+            backends (chosen per device) rather than code of its own; the tests and the
+            benchmarks run the concrete backends instead of timing or testing the same code twice.
+        returns_row_order: its forward returns the row permutation ``RawStats.row_order`` (the
+            custom op's fake implementation gives that output its (N,) shape only then).
     """
 
     name: str
@@ -47,6 +52,8 @@ class BackendEntry:
     vocab_parallel: bool = True
     emulated_devices: Tuple[str, ...] = ()
     summary: str = ""
+    picks_among: Tuple[str, ...] = ()
+    returns_row_order: bool = False
 
 
 _ENTRIES: Dict[str, BackendEntry] = {}
@@ -64,6 +71,11 @@ def register_backend(entry: BackendEntry) -> BackendEntry:
 def backend_names() -> Tuple[str, ...]:
     """Every registered backend, in registration order (``"auto"`` excluded)."""
     return tuple(_ENTRIES)
+
+
+def concrete_backend_names() -> Tuple[str, ...]:
+    """The registered backends that run code of their own (dispatching entries excluded)."""
+    return tuple(n for n, e in _ENTRIES.items() if not e.picks_among)
 
 
 def impl_choices() -> Tuple[str, ...]:

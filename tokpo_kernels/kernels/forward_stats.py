@@ -1,12 +1,22 @@
-"""Forward statistics kernel: per-token lse, target logits, entropy, KL(ref || policy), row max and
-row sum of the logits.
+"""The *streaming* strategy's forward kernel: per-token lse, entropy, KL(ref || policy), row max and
+row sum of the logits, with no logits in memory.
 
-Grid: (row blocks, vocabulary splits). Each program streams the vocabulary tiles of its split for
-BLOCK_N compacted rows, computing ``h·Wᵀ`` (and ``h_ref·W_refᵀ``) tile by tile in fp32 and folding
-them into online accumulators (``_tl_numerics``); only O(rows) numbers reach memory. Splitting the
-vocabulary keeps the GPU busy when there are few rows (TLPO groups, short batches); each split's
-accumulators become that split's local statistics (``split_stats``), which the one merge of
-per-part statistics (``tokpo_kernels.partials``) turns into global ones in PyTorch (O(splits·N)).
+Grid: one program per (row block, vocabulary split), split index fastest. Each program streams the
+vocabulary tiles of its split for BLOCK_N compacted rows, computing ``h·Wᵀ`` (and ``h_ref·W_refᵀ``)
+tile by tile in fp32 and folding them into online accumulators (``_tl_numerics``); only O(rows)
+numbers reach memory. Each split's accumulators become that split's local statistics
+(``split_stats``), which the one merge of per-part statistics (``tokpo_kernels.partials``) turns
+into global ones in PyTorch (O(splits·N)).
+
+Program order (L2): with the split index varying fastest, the programs resident at one time work
+on few row blocks (``#SMs / NUM_SPLITS`` of them), so each ``h`` block is read from HBM once and
+then served from L2 to the ``NUM_SPLITS`` programs that share it, while programs of the same split
+walk the same ``W`` tiles in step. (Row blocks fastest, as before, made the 132 resident programs
+hold 132 distinct ``h`` blocks, 66 MB at the Llama-3-8B shape: more than the L2.)
+
+The target logits are not gathered here: ``target_logits.py`` computes them with a separate
+gathered dot, which keeps this kernel's per-tile epilogue to the softmax updates (the in-loop
+gather cost 125 registers and made every tile larger than 64 × 128 spill on sm_90).
 
 Rows come through ``row_index`` (valid rows first) and ``n_valid`` lives on the device, so ignored
 tokens are skipped without a host sync: programs past ``n_valid`` return before any load.
@@ -27,7 +37,6 @@ from tokpo_kernels.kernels._tl_numerics import (
     logit_tile,
     online_kl_step,
     online_softmax_step,
-    store_target_logits,
     transform_logits,
 )
 from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
@@ -38,25 +47,27 @@ from tokpo_kernels.partials import AxisReducer, merge_local_stats
 _M, _S, _E, _MR, _SR, _A, _ZSUM = range(7)
 P_M, P_S, P_E, P_MR, P_SR, P_A, P_ZSUM = (tl.constexpr(i) for i in range(7))
 NUM_PARTIALS = 7
+# The planes whose neutral value is −inf (running maxima); every other plane starts at 0.
+MAX_PLANES = (_M, _MR)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _forward_stats_kernel(
     h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr,
-    tgt_ptr, row_index_ptr, n_valid_ptr,
-    tgt_logit_ptr, ref_tgt_logit_ptr, part_ptr,
-    N, V, D, D_REF, J, NUM_SPLITS,
+    row_index_ptr, n_valid_ptr, part_ptr,
+    N, V, D, D_REF, NUM_SPLITS,
     stride_hn, stride_hd, stride_wv, stride_wd,
     stride_rhn, stride_rhd, stride_rwv, stride_rwd,
-    stride_tn, stride_tj,
     inv_temperature, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NEED_KL: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SUM: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, REF_UPCAST: tl.constexpr, REF_DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # Split index fastest (module docstring: programs resident together share h blocks in L2).
+    pid = tl.program_id(0)
+    pid_n = pid // NUM_SPLITS
+    pid_s = pid % NUM_SPLITS
     n_valid = tl.load(n_valid_ptr)
     start = pid_n * BLOCK_N
     if start >= n_valid:
@@ -86,7 +97,6 @@ def _forward_stats_kernel(
             zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
         # −inf outside the vocabulary: such columns never win the max and add exp(−inf) = 0.
         z = tl.where(col_mask[None, :], z, float("-inf"))
-        store_target_logits(z, tgt_ptr, tgt_logit_ptr, rows, row_mask, offs_v, col_mask, J, stride_tn, stride_tj)
         m, s, e, dm = online_softmax_step(m, s, e, z, NEED_ENTROPY)
         if HAS_REF:
             zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
@@ -94,8 +104,6 @@ def _forward_stats_kernel(
                             HAS_REF_BIAS, REF_UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             zr = transform_logits(zr, inv_temperature, softcap, HAS_SOFTCAP)
             zr = tl.where(col_mask[None, :], zr, float("-inf"))
-            store_target_logits(zr, tgt_ptr, ref_tgt_logit_ptr, rows, row_mask, offs_v, col_mask, J,
-                                stride_tn, stride_tj)
             if NEED_KL:
                 mr, sr, a = online_kl_step(mr, sr, a, zr, z, m, dm)
             else:
@@ -104,7 +112,7 @@ def _forward_stats_kernel(
     # Only the planes the flags ask for are written; split_stats reads exactly those.
     # int64: NUM_PARTIALS·splits·N may pass 2³¹ (rows is int64 already).
     split_base = part_ptr + pid_s.to(tl.int64) * N + rows
-    plane = tl.num_programs(1).to(tl.int64) * N
+    plane = N.to(tl.int64) * NUM_SPLITS  # N is never specialised (NUM_SPLITS may be a constexpr 1)
     tl.store(split_base + P_M * plane, m, mask=row_mask)
     tl.store(split_base + P_S * plane, s, mask=row_mask)
     if NEED_ENTROPY:
@@ -121,15 +129,14 @@ def _forward_stats_kernel(
 def launch_forward_stats(
     h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
     rh: Optional[torch.Tensor], rw: Optional[torch.Tensor], rb: Optional[torch.Tensor],
-    targets: torch.Tensor, row_index: torch.Tensor, n_valid: torch.Tensor,
-    tgt_logit: torch.Tensor, ref_tgt_logit: Optional[torch.Tensor], partials: torch.Tensor,
+    row_index: torch.Tensor, n_valid: torch.Tensor, partials: torch.Tensor,
     *, splits: int, inv_temperature: float, softcap: Optional[float],
     need_kl: bool, need_entropy: bool, need_sum: bool, upcast: bool, dot_precision: str,
     ref_upcast: bool, ref_dot_precision: str,
     block_n: int, block_v: int, block_d: int, num_warps: int, num_stages: int,
 ) -> None:
-    """Launch the forward kernel; every output buffer is written for the valid rows only (and
-    ``partials`` only in the planes the flags ask for). ``upcast`` / ``dot_precision`` are the
+    """Launch the forward kernel; ``partials`` is written for the valid rows only, in the planes the
+    flags ask for. ``upcast`` / ``dot_precision`` are the
     policy's ``tl.dot`` flags, ``ref_upcast`` / ``ref_dot_precision`` the reference's: each model's
     logits come from its own dtype."""
     n, d = h.shape
@@ -138,21 +145,19 @@ def launch_forward_stats(
     dummy = h  # stands in for absent pointers; never dereferenced (constexpr-guarded)
     if autotune_enabled() and h.is_cuda:
         kernel, blocks = _autotuned_forward(h.dtype), {}
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
     else:
         kernel = _forward_stats_kernel
         blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
-        grid = (triton.cdiv(n, block_n), splits)
+        grid = (triton.cdiv(n, block_n) * splits,)
     kernel[grid](
         h, w, b if b is not None else dummy,
         rh if has_ref else dummy, rw if has_ref else dummy, rb if rb is not None else dummy,
-        targets, row_index, n_valid,
-        tgt_logit, ref_tgt_logit if has_ref else tgt_logit, partials,
-        n, v, d, rh.shape[1] if has_ref else d, targets.shape[1], splits,
+        row_index, n_valid, partials,
+        n, v, d, rh.shape[1] if has_ref else d, splits,
         h.stride(0), h.stride(1), w.stride(0), w.stride(1),
         rh.stride(0) if has_ref else 0, rh.stride(1) if has_ref else 0,
         rw.stride(0) if has_ref else 0, rw.stride(1) if has_ref else 0,
-        targets.stride(0), targets.stride(1),
         inv_temperature, softcap if softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_REF=has_ref, HAS_REF_BIAS=rb is not None,
         HAS_SOFTCAP=softcap is not None, NEED_KL=need_kl, NEED_ENTROPY=need_entropy, NEED_SUM=need_sum,
@@ -172,7 +177,7 @@ def _autotuned_forward(dtype: torch.dtype):
                       num_warps=c.num_warps, num_stages=c.num_stages)
         for c in tuning_space("fwd", dtype)
     ]
-    return triton.autotune(configs=configs, key=["V", "D", "D_REF", "J"])(_forward_stats_kernel)
+    return triton.autotune(configs=configs, key=["V", "D", "D_REF"])(_forward_stats_kernel)
 
 
 def split_stats(partials: torch.Tensor, has_ref: bool, params: ImplParams) -> RawStats:

@@ -1,8 +1,18 @@
-"""``impl="triton"``: the two kernels behind the backend seam (``tokpo_kernels.backends.base``).
+"""The Triton strategies behind the backend seam (``tokpo_kernels.backends.base``).
 
-Ignored tokens are dropped without a host sync: ``row_index`` lists valid rows first (a stable
-argsort of the row mask) and ``n_valid`` stays on the device, so kernels skip the tail on their own.
-Statistics and gradients are accumulated in fp32 whatever the input dtype.
+Forward, *streaming*: one fused kernel (``forward_stats.py``) plus the gathered target logits
+(``target_logits.py``); ignored tokens are dropped without a host sync (``row_index`` lists valid
+rows first, a stable argsort of the row mask, and ``n_valid`` stays on the device).
+
+Forward, *chunked*: per vocabulary chunk a GEMM into fp32 logits of the compacted rows, then the
+row-statistics kernel (``row_stats.py``). A GEMM needs its row count on the host: the valid-row
+count is read once (one device-to-host copy, which waits for the work queued before it: tens of
+microseconds of idle GPU per call, against running the ignored rows through every GEMM, which
+costs their share of 2·N·D·V FLOPs — a third of the step when a third of the tokens are prompt).
+
+Backward, both strategies (``backward_chunks.py``): per chunk a ``∂z`` kernel, then GEMMs for ``∂W``
+and ``∂h``; the forward's row permutation is reused (``RawStats.row_order``), the valid-row count
+read once. Statistics and gradients are accumulated in fp32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -16,9 +26,13 @@ import torch
 from tokpo_kernels import _types as seam  # the backend seam's value types
 from tokpo_kernels._alloc import empty_output
 from tokpo_kernels._compat import triton_interpreter_enabled
-from tokpo_kernels.kernels.backward import launch_backward
+from tokpo_kernels.kernels.backward_chunks import chunked_backward
+from tokpo_kernels.kernels.chunking import chunk_columns
 from tokpo_kernels.kernels.configs import backward_config, forward_config, forward_splits
-from tokpo_kernels.kernels.forward_stats import NUM_PARTIALS, launch_forward_stats, merge_splits
+from tokpo_kernels.kernels.forward_stats import MAX_PLANES, NUM_PARTIALS, launch_forward_stats, merge_splits
+from tokpo_kernels.kernels.gemm import compact_rows, expand_rows, mm_f32
+from tokpo_kernels.kernels.row_stats import launch_row_stats
+from tokpo_kernels.kernels.target_logits import launch_target_logits
 
 # tl.dot's input precision for fp32 operands under each torch.get_float32_matmul_precision(), so
 # that the kernels follow the same switch as torch's own fp32 matmuls: "highest" (torch's default)
@@ -63,73 +77,109 @@ def _vec(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else bias.contiguous()
 
 
-def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per-row statistics and cotangents are read as contiguous fp32 by the backward kernel."""
-    return None if t is None else t.float().contiguous()
-
-
-def triton_forward(head: seam.HeadTensors, targets: seam.TargetRows, params: seam.ImplParams) -> seam.RawStats:
-    """The forward statistics of ``Backend.forward``: one kernel launch over (row blocks, vocabulary
-    splits), then the merge of the splits' statistics (``forward_stats.merge_splits``). fp32 results."""
+def triton_forward(
+    head: seam.HeadTensors, targets: seam.TargetRows, params: seam.ImplParams, strategy: str
+) -> seam.RawStats:
+    """The forward statistics of ``Backend.forward`` by ``strategy`` (``"streaming"`` or
+    ``"chunked"``), fp32, with the row permutation for the backward."""
     h, w, b, rh, rw, rb = head
     n, j = targets.ids.shape
-    dev = h.device
-    cfg = forward_config(h.dtype)
-    splits = forward_splits(n, w.shape[0], cfg, dev)
     row_index, n_valid = _compaction(targets.row_valid)
-    has_ref = rh is not None
-    tgt_logit = empty_output(n, j, dtype=torch.float32, device=dev)
-    ref_tgt_logit = empty_output(n, j, dtype=torch.float32, device=dev) if has_ref else None
-    partials = empty_output(NUM_PARTIALS, splits, n, dtype=torch.float32, device=dev)
+    tgt_logit, ref_tgt_logit = _target_logits(head, targets, params)
+    if strategy == "streaming":
+        raw = _streaming_stats(head, row_index, n_valid, params, n)
+    else:
+        raw = _chunked_stats(head, row_index, int(n_valid.item()), params, n)
+    return raw._replace(tgt_logit=tgt_logit, ref_tgt_logit=ref_tgt_logit, row_order=row_index)
+
+
+def _target_logits(
+    head: seam.HeadTensors, targets: seam.TargetRows, params: seam.ImplParams
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The transformed logits at the owned target ids (policy, reference), by the gathered dot."""
+    h, w, b, rh, rw, rb = head
+    n, j = targets.ids.shape
+    ids = targets.ids.contiguous()
+    out = []
+    for hid, wt, bias in ((h, w, b), (rh, rw, rb)):
+        if hid is None:
+            out.append(None)
+            continue
+        logits = empty_output(n, j, dtype=torch.float32, device=h.device)
+        with _launch_guard():
+            launch_target_logits(hid, wt, _vec(bias), ids, logits,
+                                 inv_temperature=1.0 / params.temperature, softcap=params.softcap)
+        out.append(logits)
+    return out[0], out[1]
+
+
+def _streaming_stats(
+    head: seam.HeadTensors, row_index: torch.Tensor, n_valid: torch.Tensor, params: seam.ImplParams, n: int
+) -> seam.RawStats:
+    """One fused kernel over (row blocks × vocabulary splits), then the merge of the splits."""
+    h, w, b, rh, rw, rb = head
+    cfg = forward_config(h.dtype)
+    splits = forward_splits(n, w.shape[0], cfg, h.device)
+    partials = empty_output(NUM_PARTIALS, splits, n, dtype=torch.float32, device=h.device)
     upcast, precision = _kernel_flags(h.dtype)
     # The reference may be in another dtype than the policy (a bf16 reference beside an fp32
     # policy): its tile gets its own flags, so that each model's tl.dot reads its own dtype.
-    ref_upcast, ref_precision = _kernel_flags(rh.dtype) if has_ref else (upcast, precision)
+    ref_upcast, ref_precision = _kernel_flags(rh.dtype) if rh is not None else (upcast, precision)
     with _launch_guard():
         launch_forward_stats(
-            h, w, _vec(b), rh, rw, _vec(rb), targets.ids, row_index, n_valid,
-            tgt_logit, ref_tgt_logit, partials,
+            h, w, _vec(b), rh, rw, _vec(rb), row_index, n_valid, partials,
             splits=splits, inv_temperature=1.0 / params.temperature, softcap=params.softcap,
             need_kl=params.kl, need_entropy=params.entropy, need_sum=params.logit_sum,
             upcast=upcast, dot_precision=precision, ref_upcast=ref_upcast, ref_dot_precision=ref_precision,
             block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return merge_splits(partials, tgt_logit, ref_tgt_logit, params)
+    return _merged(partials, rh is not None, params)
 
 
-def triton_backward(
-    head: seam.HeadTensors, targets: seam.TargetRows, saved: seam.SavedStats, grads: seam.StatGrads,
-    params: seam.ImplParams, needs: seam.GradNeeds,
-) -> seam.HeadGrads:
-    """The input gradients of ``Backend.backward`` from one kernel launch over (row block,
-    vocabulary tile) programs, accumulated atomically into fp32 buffers (the caller casts once)."""
+def _merged(partials: torch.Tensor, has_ref: bool, params: seam.ImplParams) -> seam.RawStats:
+    """The merged per-row statistics of ``partials`` (target logits filled in by the caller)."""
+    placeholder = partials.new_empty(0)
+    return merge_splits(partials, placeholder, placeholder if has_ref else None, params)
+
+
+def _chunked_stats(
+    head: seam.HeadTensors, row_index: torch.Tensor, n_valid: int, params: seam.ImplParams, n: int
+) -> seam.RawStats:
+    """Per vocabulary chunk: fp32 logits of the compacted rows by a GEMM, folded into the running
+    row statistics by ``row_stats``; the state is one "split" for the merge, scattered back to N rows."""
     h, w, b, rh, rw, rb = head
-    n, d = h.shape
     v = w.shape[0]
-    dev = h.device
-    cfg = backward_config(h.dtype)
-    row_index, n_valid = _compaction(targets.row_valid)
-    # Accumulators: fp32 and zero-initialised (atomics add into them; ignored rows stay 0).
-    dh = torch.zeros(n, d, dtype=torch.float32, device=dev) if needs.hidden else None
-    dw = torch.zeros(v, d, dtype=torch.float32, device=dev) if needs.weight else None
-    db = torch.zeros(v, dtype=torch.float32, device=dev) if needs.bias else None
-    # The reference head is only recomputed when a KL gradient flows (q enters dz through g_kl only).
-    use_q = grads.g_kl is not None
-    use_entropy = grads.g_entropy is not None
+    idx = row_index[:n_valid]
+    h_c, rh_c = compact_rows(h, idx, n), compact_rows(rh, idx, n)
+    state = torch.zeros(NUM_PARTIALS, 1, n_valid, dtype=torch.float32, device=h.device)
+    state[list(MAX_PLANES)] = float("-inf")  # neutral running maxima: the first chunk's max wins
+    cols = chunk_columns("chunked", n_valid, v, h.shape[1], in_bytes=h.element_size(),
+                         has_ref=rh is not None, budget=params.chunk_budget)
+    if n_valid:
+        for c0 in range(0, v, cols):
+            c1 = min(v, c0 + cols)
+            z = mm_f32(h_c, w[c0:c1].t())  # [n_valid, D] @ [D, C] -> [n_valid, C] fp32
+            zr = mm_f32(rh_c, rw[c0:c1].t()) if rh is not None else None
+            with _launch_guard():
+                launch_row_stats(z, zr, _vec(b), _vec(rb), state[:, 0], c0,
+                                 inv_temperature=1.0 / params.temperature, softcap=params.softcap,
+                                 need_kl=params.kl, need_entropy=params.entropy, need_sum=params.logit_sum)
+    raw = _merged(state, rh is not None, params)
+    scatter = lambda x: expand_rows(x, idx, n)  # noqa: E731
+    return raw._replace(lse=scatter(raw.lse), ref_lse=scatter(raw.ref_lse), kl=scatter(raw.kl),
+                        entropy=scatter(raw.entropy), max_logit=scatter(raw.max_logit),
+                        logit_sum=scatter(raw.logit_sum))
+
+
+def triton_backward(inputs: seam.BackwardInputs, strategy: str) -> seam.HeadGrads:
+    """The input gradients of ``Backend.backward``: per vocabulary chunk a ``∂z`` kernel and two
+    GEMMs (``backward_chunks.py``), with the ``tl.dot`` flags of this module."""
+    h, rh = inputs.head.hidden, inputs.head.ref_hidden
     upcast, precision = _kernel_flags(h.dtype)
-    ref_upcast, ref_precision = _kernel_flags(rh.dtype) if use_q else (upcast, precision)
+    ref_upcast, ref_precision = _kernel_flags(rh.dtype) if rh is not None else (upcast, precision)
     with _launch_guard():
-        launch_backward(
-            h, w, _vec(b), rh if use_q else None, rw if use_q else None, _vec(rb) if use_q else None,
-            targets.ids, row_index, n_valid,
-            _f32(saved.lse), _f32(saved.ref_lse) if use_q else None, _f32(saved.entropy) if use_entropy else None,
-            _f32(grads.g_lse), _f32(grads.g_tgt), _f32(grads.g_kl), _f32(grads.g_entropy), _f32(grads.g_logit_sum),
-            dh, dw, db,
-            inv_temperature=1.0 / params.temperature, softcap=params.softcap,
-            filter_eps=params.filter_eps,  # already resolved to None or a float by ops
+        return chunked_backward(
+            inputs, strategy, backward_config(h.dtype),
             upcast=upcast, dot_precision=precision, ref_upcast=ref_upcast, ref_dot_precision=ref_precision,
-            block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return seam.HeadGrads(dh, dw, db)

@@ -47,6 +47,7 @@ class HeadOptions(NamedTuple):
     filter_eps: Optional[Union[float, str]] = None
     process_group: Optional[dist.ProcessGroup] = None
     validate: str = "async"
+    chunk_budget: Optional[float] = None
 
     def stats(
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -60,6 +61,7 @@ class HeadOptions(NamedTuple):
             ref_bias=self.ref_bias if ref_bias is None else ref_bias, kl=kl, entropy=entropy,
             ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, impl=self.impl,
             filter_eps=self.filter_eps, process_group=self.process_group, validate=self.validate,
+            chunk_budget=self.chunk_budget,
         )
 
 
@@ -84,6 +86,9 @@ OPTION_DOCS: Dict[str, str] = {
                 "CPU always a ``ValueError``; on CUDA ``\"async\"`` is a device-side assert (no host sync; a "
                 "later call fails and the CUDA context is lost) and ``\"sync\"`` a ``ValueError`` at the cost of "
                 "one host sync; see :func:`tokpo_kernels.linear_vocab_stats`.",
+    "chunk_budget": "``None`` (``$TOKPO_CHUNK_BUDGET`` or 0.10) or a fraction ``> 0``: the Triton strategies' "
+                    "vocabulary-chunk memory relative to the gradient buffers; see "
+                    ":func:`tokpo_kernels.linear_vocab_stats`.",
 }
 
 _KW = inspect.Parameter.KEYWORD_ONLY

@@ -54,7 +54,7 @@ from tokpo_kernels._types import (
     TargetRows,
     resolve_filter_eps,
 )
-from tokpo_kernels.backends import Backend, get_backend
+from tokpo_kernels.backends import Backend, backend_entry, get_backend
 from tokpo_kernels.distributed.vocab_parallel import (
     VocabShard,
     all_reduce_hidden_grad,
@@ -96,14 +96,16 @@ def vocab_stats_forward(
     ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor], ref_bias: Optional[Tensor],
     ids: Tensor, target_valid: Tensor,
     temperature: float, softcap: Optional[float], kl: bool, entropy: bool, max_logit: bool, logit_sum: bool,
-    filter_eps: Optional[float], impl: str, group_name: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(logp, lse, ref_logp, ref_lse, kl, entropy, max_logit, logit_sum)`` of flattened rows; absent
-    ones have 0 elements. ``logit_sum`` is over the global vocabulary (the caller divides by ``V``).
+    filter_eps: Optional[float], impl: str, group_name: str, chunk_budget: Optional[float] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(logp, lse, ref_logp, ref_lse, kl, entropy, max_logit, logit_sum, row_order)`` of flattened
+    rows; absent ones have 0 elements. ``logit_sum`` is over the global vocabulary (the caller
+    divides by ``V``). ``row_order`` (int64, not differentiable) is the backend's row permutation,
+    saved for the backward so that ignored rows are compacted once per step.
 
     ``filter_eps`` is unused here; it is an input so that the backward finds it among the inputs.
     """
-    params = ImplParams(temperature, softcap, kl, entropy, max_logit, logit_sum)
+    params = ImplParams(temperature, softcap, kl, entropy, max_logit, logit_sum, chunk_budget=chunk_budget)
     targets = _targets(ids, target_valid)
     head = HeadTensors(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     raw: RawStats = _backend(impl).forward(head, targets, params)
@@ -121,15 +123,17 @@ def vocab_stats_forward(
     if raw.ref_lse is not None:
         ref_lse = per_row(raw.ref_lse)
         ref_logp = torch.where(target_valid, raw.ref_tgt_logit.to(acc) - ref_lse[:, None], zero)
+    row_order = raw.row_order if raw.row_order is not None else _absent(ids)
     return (
         logp, lse, ref_logp, ref_lse,
-        per_row(raw.kl), per_row(raw.entropy), per_row(raw.max_logit), per_row(raw.logit_sum),
+        per_row(raw.kl), per_row(raw.entropy), per_row(raw.max_logit), per_row(raw.logit_sum), row_order,
     )
 
 
 @vocab_stats_forward.register_fake
 def _forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid,
-                  temperature, softcap, kl, entropy, max_logit, logit_sum, filter_eps, impl, group_name):
+                  temperature, softcap, kl, entropy, max_logit, logit_sum, filter_eps, impl, group_name,
+                  chunk_budget=None):
     n, j = ids.shape
     acc = accum_dtype(hidden.dtype)
 
@@ -140,6 +144,8 @@ def _forward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, t
     return (
         new(n, j), new(n), new(n, j, when=has_ref), new(n, when=has_ref),
         new(n, when=kl), new(n, when=entropy), new(n, when=max_logit), new(n, when=logit_sum),
+        # The backends that compact rows return their (N,) permutation; the others none.
+        ids.new_empty(n) if backend_entry(impl).returns_row_order else _absent(ids),
     )
 
 
@@ -151,13 +157,14 @@ def vocab_stats_backward(
     g_lse: Tensor, g_tgt: Tensor, g_kl: Optional[Tensor], g_entropy: Optional[Tensor], g_logit_sum: Optional[Tensor],
     temperature: float, softcap: Optional[float], filter_eps: Optional[float],
     impl: str, group_name: str, need_dh: bool, need_dw: bool, need_db: bool,
+    row_order: Optional[Tensor] = None, chunk_budget: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(∂hidden, ∂weight, ∂bias)`` in the inputs' dtypes; a gradient not asked for has 0 elements."""
-    params = ImplParams(temperature=temperature, softcap=softcap, filter_eps=filter_eps)
+    params = ImplParams(temperature=temperature, softcap=softcap, filter_eps=filter_eps, chunk_budget=chunk_budget)
     dh, dw, db = _backend(impl).backward(BackwardInputs(
         HeadTensors(hidden, weight, bias, ref_hidden, ref_weight, ref_bias),
         _targets(ids, target_valid),
-        SavedStats(lse, ref_lse, entropy),
+        SavedStats(lse, ref_lse, entropy, _present(row_order)),
         StatGrads(g_lse, g_tgt, g_kl, g_entropy, g_logit_sum),
         params,
         GradNeeds(need_dh, need_dw, need_db),
@@ -175,7 +182,7 @@ def vocab_stats_backward(
 @vocab_stats_backward.register_fake
 def _backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid, lse, ref_lse, entropy,
                    g_lse, g_tgt, g_kl, g_entropy, g_logit_sum, temperature, softcap, filter_eps, impl, group_name,
-                   need_dh, need_dw, need_db):
+                   need_dh, need_dw, need_db, row_order=None, chunk_budget=None):
     # Contiguous like the real outputs (empty_like would copy a transposed input's strides).
     return (
         hidden.new_empty(hidden.shape) if need_dh else _absent(hidden),
@@ -186,12 +193,12 @@ def _backward_fake(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, 
 
 def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid,
-     temperature, softcap, _kl, _entropy, _max_logit, _logit_sum, filter_eps, impl, group_name) = inputs
-    _, lse, _, ref_lse, _, ent, _, _ = output
+     temperature, softcap, _kl, _entropy, _max_logit, _logit_sum, filter_eps, impl, group_name, chunk_budget) = inputs
+    _, lse, _, ref_lse, _, ent, _, _, row_order = output
     ctx.save_for_backward(
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid, lse, ref_lse, ent
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid, lse, ref_lse, ent, row_order
     )
-    ctx.options = (temperature, softcap, filter_eps, impl, group_name)
+    ctx.options = (temperature, softcap, filter_eps, impl, group_name, chunk_budget)
     # Unused statistics then arrive as None, which lets the backward skip e.g. the reference recompute.
     ctx.set_materialize_grads(False)
 
@@ -202,8 +209,9 @@ def _row_cotangent(g: Optional[Tensor], row_valid: Tensor) -> Optional[Tensor]:
     return None if g is None else torch.where(row_valid, g, g.new_zeros(()))
 
 
-def _backward(ctx: Any, g_logp, g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_ent, _g_max_logit, g_logit_sum):
-    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid, lse, ref_lse, ent = ctx.saved_tensors
+def _backward(ctx: Any, g_logp, g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_ent, _g_max_logit, g_logit_sum, _g_row_order):
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid, lse, ref_lse, ent,
+     row_order) = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]
     none = (None,) * len(ctx.needs_input_grad)  # one gradient slot per input of vocab_stats_forward
@@ -218,12 +226,13 @@ def _backward(ctx: Any, g_logp, g_lse, _g_ref_logp, _g_ref_lse, g_kl, g_ent, _g_
     g_lse_total = torch.where(row_valid, g_lse, zero) if g_lse is not None else lse.new_zeros(n)
     g_lse_total = (g_lse_total - g_logp.sum(-1)).contiguous()
     g_tgt = torch.where(ids >= 0, g_logp, zero).contiguous()
-    temperature, softcap, filter_eps, impl, group_name = ctx.options
+    temperature, softcap, filter_eps, impl, group_name, chunk_budget = ctx.options
     backward_op = _FunctorchVocabStatsBackward.apply if _functorch_active() else vocab_stats_backward
     dh, dw, db = backward_op(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid,
         lse, _present(ref_lse), _present(ent), g_lse_total, g_tgt, g_kl, g_ent, g_sum,
         temperature, softcap, filter_eps, impl, group_name, need_dh, need_dw, need_db,
+        _present(row_order), chunk_budget,
     )
     return (dh if need_dh else None, dw if need_dw else None, db if need_db else None) + none[3:]
 
@@ -327,11 +336,11 @@ def vocab_stats_2d(
     else:
         ids = localize_targets(targets, target_valid, shard)
     forward = _FunctorchVocabStats.apply if _functorch_active() else vocab_stats_forward
-    logp, lse, ref_logp, _ref_lse, kl, ent, max_logit, logit_sum = forward(
+    logp, lse, ref_logp, _ref_lse, kl, ent, max_logit, logit_sum, _row_order = forward(
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ids, target_valid,
         params.temperature, params.softcap, params.kl, params.entropy, params.max_logit, params.logit_sum,
         resolve_filter_eps(params.filter_eps, hidden.dtype),
-        impl, "" if shard is None else shard.group_name,
+        impl, "" if shard is None else shard.group_name, params.chunk_budget,
     )
     vocab: Union[int, Tensor] = weight.shape[0] if shard is None else shard.total
     return (
