@@ -13,7 +13,13 @@ import torch
 import torch.distributed as dist
 
 from tokpo_kernels._types import ImplParams, VocabStats
-from tokpo_kernels._validation import check_number, check_flags, check_target_range, is_integer_dtype, validate_vocab_stats_inputs
+from tokpo_kernels._validation import (
+    check_flags,
+    check_number,
+    check_target_range,
+    is_integer_dtype,
+    validate_vocab_stats_inputs,
+)
 from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard

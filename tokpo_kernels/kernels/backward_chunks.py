@@ -1,22 +1,29 @@
-"""The backward of both Triton strategies: per vocabulary chunk, ``∂z`` then two GEMMs. No atomics.
+"""The backward of both Triton strategies: per vocabulary chunk, ``∂z`` then GEMMs. No atomics.
 
-For chunk ``c`` of ``C`` columns (``chunking.chunk_columns``: the chunk buffers stay within a memory
-budget) and the compacted valid rows ``h_c``::
+The vocabulary is walked in windows of ``plan.window`` columns, each in sub-chunks of ``plan.sub``
+(``chunking.chunk_plan``: the buffers stay within a memory budget). With ``h_c`` the compacted
+valid rows::
 
-    dz_c  = ∂L/∂r of the chunk                    (Triton, dz_chunk.py; input dtype)
-    ∂W[c] = dz_cᵀ · h_c                           (GEMM with fp32 accumulation; each row of ∂W is
-                                                   finished by this one GEMM and written once, in
-                                                   the weight's dtype: no fp32 ∂W, no zero-fill)
-    ∂h_c += dz_c · W[c]                           (GEMM accumulating into the fp32 ∂h of the
-                                                   compacted rows, in chunk order)
-    ∂b[c] = Σ_rows dz_c                           (fp32 column sums of each row block, summed in
-                                                   a fixed order)
+    for each sub-chunk c of the window:
+        dz_c  = ∂L/∂r of the sub-chunk             (Triton, dz_chunk.py; input dtype, into the
+                                                    window's ∂z buffer)
+        ∂W[c] = dz_cᵀ · h_c                        (GEMM with fp32 accumulation; these rows of ∂W
+                                                    are finished by this one GEMM and written once,
+                                                    in the weight's dtype: no fp32 ∂W, no zero-fill)
+        ∂b[c] = Σ_rows dz_c                        (fp32 column sums of each row block, summed in
+                                                    a fixed order)
+    ∂h_c += dz_window · W[window]                  (one GEMM into the fp32 ∂h of the compacted rows)
+
+The window exists for ``∂h``: its fp32 accumulator (N × D) is read and written by every GEMM that
+adds into it, so one GEMM per window instead of one per sub-chunk divides that traffic by
+``window / sub`` (at the Llama-3-8B shape a 268 MB accumulator per 640-column chunk would cost
+more HBM time than the GEMM's tensor time).
 
 Every sum happens in a fixed order (the GEMMs are deterministic for fixed shapes, the chunks run
-in order on one stream), so two runs give the same bits. ``dz_c`` is rounded to the input dtype
+in order on one stream), so two runs give the same bits. ``dz`` is rounded to the input dtype
 before the GEMMs, as a bf16 lm-head's own autograd rounds its ``∂logits``.
 
-The chunked strategy recomputes the chunk's logits with a GEMM (fp32 output) and runs the
+The chunked strategy recomputes a sub-chunk's logits with a GEMM (fp32 output) and runs the
 elementwise ``∂z`` kernel; the streaming one recomputes them inside its ``∂z`` kernel (``tl.dot``).
 The reference's logits are recomputed only when a KL gradient flows (``q`` enters only through
 ``g_kl``). The GEMMs need the valid-row count on the host: it is read once per call (see
@@ -31,7 +38,7 @@ import torch
 import triton
 
 from tokpo_kernels import _types as seam
-from tokpo_kernels.kernels.chunking import chunk_columns
+from tokpo_kernels.kernels.chunking import chunk_plan
 from tokpo_kernels.kernels.configs import KernelConfig
 from tokpo_kernels.kernels.dz_chunk import DzInputs, dz_row_block, launch_dz_from_logits, launch_dz_recompute
 from tokpo_kernels.kernels.gemm import accum_dtype, addmm_f32_, compact_rows, expand_rows, mm_f32, mm_into
@@ -93,36 +100,41 @@ def chunked_backward(
                 g.zero_()
         return seam.HeadGrads(expand_rows(dh_c, idx, n), dw, db)
     dz_in = _dz_inputs(inputs)
-    cols = chunk_columns(strategy, n_valid, v, d, in_bytes=h.element_size(), weight_bytes=w.element_size(),
-                         has_ref=use_q, budget=inputs.params.chunk_budget)
+    copies = 0 if n_valid == n else (1 + (rh_c is not None))  # compacted hidden-state copies held
+    plan = chunk_plan(strategy, n_valid, v, d, in_bytes=h.element_size(), weight_bytes=w.element_size(),
+                      has_ref=rh is not None, kl_grad=use_q, budget=inputs.params.chunk_budget, row_copies=copies)
     # The Triton 3.9 interpreter converts fp32 to bf16 by truncation (an error up to 2⁻⁷ instead of
     # 2⁻⁹, always towards 0); compiled kernels round to nearest. Under the interpreter (``upcast``
     # is set exactly there for 16-bit inputs) the kernel therefore stores fp32 and torch rounds.
     dz_dtype = torch.float32 if upcast else h.dtype
     block_rows = dz_row_block(dev, cfg.block_n if strategy == "streaming" else 0)
-    for c0 in range(0, v, cols):
-        c1 = min(v, c0 + cols)
-        dz = torch.empty(n_valid, c1 - c0, dtype=dz_dtype, device=dev)
-        db_part = (torch.empty(triton.cdiv(n_valid, block_rows), c1 - c0, dtype=torch.float32, device=dev)
-                   if needs.bias else None)
-        if strategy == "chunked":
-            z = mm_f32(h_c, w[c0:c1].t())  # [n_valid, D] @ [D, C] -> [n_valid, C] fp32 raw logits
-            zr = mm_f32(rh_c, rw[c0:c1].t()) if use_q else None
-            launch_dz_from_logits(z, zr, row_index, dz_in, dz, db_part, c0)
-            del z, zr  # freed before the GEMMs below allocate their outputs
-        else:
-            launch_dz_recompute(
-                h, w, rh, rw, row_index, n_valid, dz_in, dz, db_part, c0,
-                upcast=upcast, dot_precision=dot_precision, ref_upcast=ref_upcast, ref_dot_precision=ref_dot_precision,
-                block_n=cfg.block_n, block_v=cfg.block_v, block_d=cfg.block_d, group_n=cfg.group_n,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-        dz = dz.to(h.dtype)  # no-op except under the interpreter (see dz_dtype)
-        if dw is not None:
-            mm_into(dw[c0:c1], dz.t(), h_c)  # [C, n_valid] @ [n_valid, D] -> [C, D]
+    for w0 in range(0, v, plan.window):
+        w1 = min(v, w0 + plan.window)
+        dz = torch.empty(n_valid, w1 - w0, dtype=dz_dtype, device=dev)  # the window's ∂z
+        for c0 in range(w0, w1, plan.sub):
+            c1 = min(w1, c0 + plan.sub)
+            dz_c = dz[:, c0 - w0:c1 - w0]  # this sub-chunk's columns (row stride: the window's width)
+            db_part = (torch.empty(triton.cdiv(n_valid, block_rows), c1 - c0, dtype=torch.float32, device=dev)
+                       if needs.bias else None)
+            if strategy == "chunked":
+                z = mm_f32(h_c, w[c0:c1].t())  # [n_valid, D] @ [D, C] -> [n_valid, C] fp32 raw logits
+                zr = mm_f32(rh_c, rw[c0:c1].t()) if use_q else None
+                launch_dz_from_logits(z, zr, row_index, dz_in, dz_c, db_part, c0)
+                del z, zr  # freed before the GEMM below allocates its output
+            else:
+                launch_dz_recompute(
+                    h, w, rh, rw, row_index, n_valid, dz_in, dz_c, db_part, c0,
+                    upcast=upcast, dot_precision=dot_precision, ref_upcast=ref_upcast,
+                    ref_dot_precision=ref_dot_precision, block_n=cfg.block_n, block_v=cfg.block_v,
+                    block_d=cfg.block_d, group_n=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                )
+            if dw is not None:
+                # [C, n_valid] @ [n_valid, D] -> [C, D]: these rows of ∂W are finished here.
+                mm_into(dw[c0:c1], dz_c.to(h.dtype).t(), h_c)
+            if db is not None:
+                db[c0:c1] = db_part.sum(0)
         if dh_c is not None:
-            addmm_f32_(dh_c, dz, w[c0:c1])  # [n_valid, C] @ [C, D] -> [n_valid, D], += in fp32
-        if db is not None:
-            db[c0:c1] = db_part.sum(0)
+            # [n_valid, W] @ [W, D] -> [n_valid, D], += in fp32: one pass over the accumulator per window.
+            addmm_f32_(dh_c, dz.to(h.dtype), w[w0:w1])
     return seam.HeadGrads(expand_rows(dh_c, idx, n), dw, db)
 

@@ -27,7 +27,7 @@ from tokpo_kernels import _types as seam  # the backend seam's value types
 from tokpo_kernels._alloc import empty_output
 from tokpo_kernels._compat import triton_interpreter_enabled
 from tokpo_kernels.kernels.backward_chunks import chunked_backward
-from tokpo_kernels.kernels.chunking import chunk_columns
+from tokpo_kernels.kernels.chunking import chunk_plan
 from tokpo_kernels.kernels.configs import backward_config, forward_config, forward_splits
 from tokpo_kernels.kernels.forward_stats import MAX_PLANES, NUM_PARTIALS, launch_forward_stats, merge_splits
 from tokpo_kernels.kernels.gemm import compact_rows, expand_rows, mm_f32
@@ -154,8 +154,9 @@ def _chunked_stats(
     h_c, rh_c = compact_rows(h, idx, n), compact_rows(rh, idx, n)
     state = torch.zeros(NUM_PARTIALS, 1, n_valid, dtype=torch.float32, device=h.device)
     state[list(MAX_PLANES)] = float("-inf")  # neutral running maxima: the first chunk's max wins
-    cols = chunk_columns("chunked", n_valid, v, h.shape[1], in_bytes=h.element_size(),
-                         has_ref=rh is not None, budget=params.chunk_budget)
+    copies = 0 if n_valid == n else (2 if rh is not None else 1)  # compacted hidden-state copies held
+    cols = chunk_plan("chunked", n_valid, v, h.shape[1], in_bytes=h.element_size(), weight_bytes=w.element_size(),
+                      has_ref=rh is not None, budget=params.chunk_budget, row_copies=copies).forward
     if n_valid:
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
