@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+import torch
 
 from bench.registry import Shape, get_operation
 
@@ -126,6 +129,20 @@ def notes(measurements: Sequence[Dict[str, Any]]) -> List[str]:
     return out
 
 
+def console_report(title: str, measurements: Sequence[Dict[str, Any]], *, checks: Sequence[Dict[str, Any]] = (),
+                   show_checks: bool = False, extra_lines: Sequence[str] = ()) -> str:
+    """What ``python -m bench`` prints: a heading, the table, then the notes as a bullet list.
+
+    The quick tier's pass/fail checks (``acceptance``) are criteria this project set itself; they
+    say nothing a user needs to read the table, so they are printed only with ``show_checks``
+    (``--checks``) and are otherwise kept in the JSON alone.
+    """
+    lines = [f"\n## {title}\n", markdown_table(measurements), ""]
+    bullets = notes(measurements) + ([c["text"] for c in checks] if show_checks else []) + list(extra_lines)
+    lines += [f"- {b}" for b in bullets]
+    return "\n".join(lines)
+
+
 def acceptance(measurements: Sequence[Dict[str, Any]], checks: Sequence[Any]) -> List[Dict[str, Any]]:
     """Evaluate acceptance checks (``bench.tiers.Check``) on the measured rows: forward+backward
     peak-memory and median-time ratios of ``impl`` to ``against`` on the check's case."""
@@ -162,9 +179,52 @@ def write_json(path: Path, payload: Dict[str, Any]) -> None:
         f.write("\n")
 
 
+def missing_reason(row: Dict[str, Any]) -> str:
+    """Why a row has no numbers, in the plot's few words: ``not installed (<module>)``,
+    ``emulated only on cpu`` (a Triton backend there runs in the interpreter, a test tool, never
+    timed), ``unavailable on <device>: ...`` (the impl does not run on that device), ``not run: ...``
+    (``--budget`` spent) or ``failed: ...`` (it should run but errored, ran out of memory or timed out)."""
+    from tokpo_kernels.backends import backend_entry, backend_names
+
+    status, reason = row["status"], row.get("reason") or row["status"]
+    if status == "not installed":
+        return f"not installed ({reason.partition(': ')[2] or reason})"
+    if status == "skipped":
+        return f"not run: {reason}"
+    dev = torch.device(row["device"]).type
+    if row["impl"] in backend_names() and dev in backend_entry(row["impl"]).emulated_devices:
+        return f"emulated only on {dev} (Triton interpreter: tested, not timed)"
+    impl = get_operation(row["op"]).impls.get(row["impl"])
+    elsewhere = impl.unavailable_on(row["device"]) if impl is not None else None
+    if elsewhere:
+        return f"unavailable on {dev}: {elsewhere.split(': ')[0]}"
+    short = short_reason(row)
+    return "failed: " + (short.partition(": ")[2] or short)
+
+
+def missing_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per impl of a plot panel with rows that have no numbers: why, and at which N when
+    only some of its rows are missing."""
+    by_impl: "OrderedDict[str, List[Dict[str, Any]]]" = OrderedDict()
+    for r in rows:
+        by_impl.setdefault(r["impl"], []).append(r)
+    out = []
+    for impl, rs in by_impl.items():
+        bad = [r for r in rs if r["status"] != "ok"]
+        if not bad:
+            continue
+        reasons = OrderedDict((missing_reason(r), None) for r in bad)
+        where = "" if len(bad) == len(rs) else " at N = " + ", ".join(str(r["shape"]["valid_tokens"]) for r in bad)
+        out.append(f"{impl}{where}: {'; '.join(reasons)}")
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
 def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -> Optional[str]:
-    """Time and peak memory vs N per impl, one row of panels per (operation, head, dtype); bars
-    when a group has a single N. Returns a reason when no plot was written."""
+    """Write ``build_plot``'s figure to ``path``. Returns a reason when no plot was written."""
     try:
         import matplotlib
 
@@ -172,32 +232,54 @@ def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib); plot skipped"
+    if not any(m["status"] == "ok" for m in measurements):
+        return "no successful measurement to plot"
+    fig = build_plot(measurements, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def build_plot(measurements: Sequence[Dict[str, Any]], title: str) -> Any:
+    """Time and peak memory vs N per impl, one row of panels per (operation, head, dtype); bars
+    when a group has a single N. Every bar and point is labelled with its value, and each panel
+    says which impls it lacks and why (``missing_notes``). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
 
     groups: "OrderedDict[tuple, List[Dict[str, Any]]]" = OrderedDict()
     for m in measurements:
-        if m["status"] == "ok":
-            s = m["shape"]
-            groups.setdefault((m["op"], s["dim"], s["vocab"], m["dtype"], s.get("label", "")), []).append(m)
-    if not groups:
-        return "no successful measurement to plot"
+        s = m["shape"]
+        groups.setdefault((m["op"], s["dim"], s["vocab"], m["dtype"], s.get("label", "")), []).append(m)
 
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    for (ax_t, ax_m), ((op, dim, vocab, dtype, label), rows) in zip(axes, groups.items(), strict=True):
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    for (ax_t, ax_m), ((op, dim, vocab, dtype, label), all_rows) in zip(axes, groups.items(), strict=True):
+        rows = [r for r in all_rows if r["status"] == "ok"]
         impls = list(OrderedDict.fromkeys(r["impl"] for r in rows))
-        ns = sorted({r["shape"]["valid_tokens"] for r in rows})
+        ns = sorted({r["shape"]["valid_tokens"] for r in all_rows})
         for ax, ylabel in ((ax_t, "fwd+bwd time, ms (median, p20-p80)"), (ax_m, "peak extra memory, MiB")):
             ax.set_title(f"{op} {label} D={dim} V={vocab} {dtype}".replace("  ", " "), fontsize=9)
             ax.set_ylabel(ylabel, fontsize=8)
             ax.grid(alpha=0.3)
-        if len(ns) == 1:
+        if not rows:
+            for ax in (ax_t, ax_m):
+                ax.text(0.5, 0.5, "no impl ran on this case", ha="center", va="center", transform=ax.transAxes)
+            xlabel = f"N = {', '.join(map(str, ns))} valid tokens"
+        elif len(ns) == 1:
             for i, impl in enumerate(impls):
                 r = next(x for x in rows if x["impl"] == impl)
                 q = r["time"]["fwd_bwd_ms"]
                 ax_t.bar(i, q["median"], yerr=[[q["median"] - q["p20"]], [q["p80"] - q["median"]]], capsize=4)
-                ax_m.bar(i, r["memory"]["fwd_bwd_peak_mib"])
+                mem = r["memory"]["fwd_bwd_peak_mib"]
+                ax_m.bar(i, mem)
+                # The value sits above the error bar's top (p80), where it overlaps nothing.
+                for ax, value, top in ((ax_t, q["median"], max(q["median"], q["p80"])), (ax_m, mem, mem)):
+                    ax.annotate(_fmt(value), (i, top), textcoords="offset points", xytext=(0, 3), ha="center",
+                                fontsize=7)
             for ax in (ax_t, ax_m):
                 ax.set_xticks(range(len(impls)), impls, rotation=15, fontsize=8)
-                ax.set_xlabel(f"impl (N = {ns[0]} valid tokens)", fontsize=8)
+                ax.margins(y=0.12)  # room for the value labels above the tallest bar
+            xlabel = f"impl (N = {ns[0]} valid tokens)"
         else:
             for impl in impls:
                 rs = sorted((x for x in rows if x["impl"] == impl), key=lambda x: x["shape"]["valid_tokens"])
@@ -205,16 +287,26 @@ def write_plot(path: Path, measurements: Sequence[Dict[str, Any]], title: str) -
                 med = [x["time"]["fwd_bwd_ms"]["median"] for x in rs]
                 err = [[x["time"]["fwd_bwd_ms"]["median"] - x["time"]["fwd_bwd_ms"]["p20"] for x in rs],
                        [x["time"]["fwd_bwd_ms"]["p80"] - x["time"]["fwd_bwd_ms"]["median"] for x in rs]]
+                mem = [x["memory"]["fwd_bwd_peak_mib"] for x in rs]
                 ax_t.errorbar(n, med, yerr=err, marker="o", capsize=3, label=impl)
-                ax_m.plot(n, [x["memory"]["fwd_bwd_peak_mib"] for x in rs], marker="o", label=impl)
+                ax_m.plot(n, mem, marker="o", label=impl)
+                for ax, ys in ((ax_t, med), (ax_m, mem)):
+                    for x, y in zip(n, ys, strict=True):
+                        ax.annotate(_fmt(y), (x, y), textcoords="offset points", xytext=(0, 4), ha="center",
+                                    fontsize=6)
             for ax in (ax_t, ax_m):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
-                ax.set_xlabel("N valid tokens", fontsize=8)
                 ax.legend(fontsize=8)
+            xlabel = "N valid tokens"
+        missing = missing_notes(all_rows)
+        for ax in (ax_t, ax_m):
+            ax.set_xlabel(xlabel, fontsize=8)
+        if missing:
+            # Under the time panel, wrapped: the x label is part of tight_layout's bounding box, so the
+            # note gets its room without hand-placed coordinates.
+            text = "\n".join(textwrap.fill(m, 90, subsequent_indent="    ") for m in missing)
+            ax_t.set_xlabel(f"{xlabel}\nnot shown:\n{text}", fontsize=7, loc="left")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # leave the top 0.35 in to the title
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return fig

@@ -1,8 +1,9 @@
 """Runs each (case, impl) in fresh worker processes and turns their output into one record.
 
-Every (case, impl) gets two processes: a timing run and, separately, a memory run (see
-``bench/_worker.py`` for why). A missing, failing, crashing or timed-out implementation becomes a
-record with ``status`` "not installed" or "unavailable" and a reason: rows are never dropped.
+Every (case, impl) gets two processes on CPU: a timing run and, separately, a memory run (see
+``bench/_worker.py`` for why); on CUDA one process does both. A missing, failing, crashing or
+timed-out implementation becomes a record with ``status`` "not installed" or "unavailable" and a
+reason: rows are never dropped.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def run_one(case: Case, impl_name: str, device: str, *, reps: int, warmup: int, 
 
     spec = {"op": case.op, "impl": impl_name, "shape": case.shape.to_dict(), "dtype": case.dtype,
             "device": device, "reps": reps, "warmup": warmup}
-    for mode in ("time", "memory"):
+    # CUDA: one process measures both (see bench/_worker.py); CPU: a timing and a memory process.
+    modes = ("both",) if device.startswith("cuda") else ("time", "memory")
+    for mode in modes:
         t0 = time.perf_counter()
         res = spawn_worker({**spec, "mode": mode}, timeout)
         rec["worker_s"][mode] = round(time.perf_counter() - t0, 2)
@@ -93,14 +96,14 @@ def run_one(case: Case, impl_name: str, device: str, *, reps: int, warmup: int, 
             return {**rec, "status": "unavailable", "reason": f"unavailable: {reason}",
                     "traceback": res.get("traceback")}
         rec["extra"].update(res.get("extra") or {})
-        if mode == "time":
+        if mode in ("time", "both"):
             rec["summary"] = res.get("summary")
             rec["torch_threads"] = res.get("torch_threads")
             rec["time"] = {k: quantiles(res[k]) for k in ("fwd_ms", "bwd_ms", "fwd_bwd_ms")}
             rec["tflops"] = {
                 k: flops[k] / (rec["time"][f"{k}_ms"]["median"] * 1e-3) / 1e12 for k in ("fwd", "fwd_bwd")
             }
-        else:
+        if mode in ("memory", "both"):
             rec["memory"] = {
                 "method": res.get("method"),
                 "fwd_bwd_peak_mib": res["fwd_bwd_peak_bytes"] / MIB,

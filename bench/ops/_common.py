@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,9 +19,47 @@ from bench.registry import Built, Impl, Operation, Shape, Unavailable, get_opera
 from tokpo_kernels._compat import triton_interpreter_enabled
 from tokpo_kernels.backends import backend_entry, backend_names, unavailable_reason
 
-# This library's impls are its registered backends: a new backend gets benchmark rows with no edit here.
-LIBRARY_IMPLS = backend_names()
-LIBRARY_NOTES = {name: f"tokpo_kernels impl={name!r}: {backend_entry(name).summary}" for name in LIBRARY_IMPLS}
+
+def dispatchers(names: Sequence[str], entry: Callable[[str], Any] = backend_entry) -> Dict[str, Tuple[str, ...]]:
+    """The registered backends that only pick another backend per device (their registry entry's
+    ``picks_among`` is non-empty), each with the concrete backends it picks among."""
+    out = {}
+    for name in names:
+        picks = tuple(getattr(entry(name), "picks_among", ()) or ())
+        if picks:
+            out[name] = picks
+    return out
+
+
+def concrete_backends(names: Sequence[str], entry: Callable[[str], Any] = backend_entry) -> Tuple[str, ...]:
+    """``names`` without the dispatchers: a dispatcher's row would time one of its concrete
+    backends a second time under another name (and charge the same memory twice in the plot)."""
+    picking = dispatchers(names, entry)
+    return tuple(n for n in names if n not in picking)
+
+
+def library_notes(names: Sequence[str], entry: Callable[[str], Any] = backend_entry) -> Dict[str, str]:
+    """One note per concrete backend: its registry summary, plus, for a backend a dispatcher may
+    pick, which dispatcher runs it (so a reader who calls ``impl="triton"`` knows which rows are theirs)."""
+    picked_by: Dict[str, List[str]] = {}
+    for disp, picks in dispatchers(names, entry).items():
+        for p in picks:
+            picked_by.setdefault(p, []).append(disp)
+    notes = {}
+    for name in concrete_backends(names, entry):
+        text = f"tokpo_kernels impl={name!r}: {entry(name).summary}"
+        for disp in picked_by.get(name, ()):
+            others = " or ".join(repr(p) for p in dispatchers(names, entry)[disp] if p != name)
+            text += f"; impl={disp!r} runs this or {others}, per device ({entry(disp).summary}): no rows of its own"
+        notes[name] = text
+    return notes
+
+
+# This library's impls are its registered concrete backends: a new backend gets benchmark rows with
+# no edit here, and a dispatcher (``impl="triton"``, which runs one of the Triton strategies) is
+# named in the notes of the strategies it picks instead of being timed twice.
+LIBRARY_IMPLS = concrete_backends(backend_names())
+LIBRARY_NOTES = library_notes(backend_names())
 # The interpreter runs kernels op by op in NumPy to test them on CPU: at benchmark sizes it runs
 # for hours and its time says nothing about the kernels, so it is allowed on tiny cases only.
 INTERPRETER_MAX_LOGITS = 1 << 16

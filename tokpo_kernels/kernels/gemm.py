@@ -17,6 +17,7 @@ matmul of torch); fp64 stays fp64.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -35,7 +36,7 @@ def _cuda_half(a: torch.Tensor) -> bool:
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with products and sums in fp32 (fp64 for fp64) and an fp32 (fp64) result."""
-    if _cuda_half(a):
+    if _cuda_half(a) and _has_out_dtype(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     acc = accum_dtype(a.dtype)
     return torch.mm(a.to(acc), b.to(acc))  # a no-op cast for fp32 / fp64 operands
@@ -43,7 +44,7 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``acc += a @ b`` in place, ``acc`` fp32 (fp64 for fp64 operands); returns ``acc``."""
-    if _cuda_half(a):
+    if _cuda_half(a) and _has_out_dtype(a.device, a.dtype):
         if _inplace_addmm_ok(acc.device, a.dtype):
             return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
@@ -61,6 +62,28 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     if out.dtype == a.dtype == b.dtype == accum_dtype(a.dtype):  # fp32 / fp64: straight into ``out``
         return torch.mm(a, b, out=out)
     return out.copy_(mm_f32(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has ``mm(..., out_dtype=torch.float32)`` for ``dtype`` on ``device`` (added
+    in torch 2.9; the package supports torch ≥ 2.5). Without it the operands are upcast to fp32:
+    the same exact products and fp32 sums, at the fp32 GEMM rate — correct but several times slower,
+    so it is said once."""
+    a = torch.ones(16, 16, device=device, dtype=dtype)
+    try:
+        ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        ok = False
+    if not ok:
+        warnings.warn(
+            f"torch {torch.__version__} has no mm(..., out_dtype=torch.float32) for {dtype} on {device.type}: "
+            "the Triton strategies' GEMMs run on fp32 copies of their operands (exact, but slower); "
+            "torch >= 2.9 runs them on the tensor cores",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return ok
 
 
 @functools.lru_cache(maxsize=None)
