@@ -32,7 +32,8 @@ It no longer saves time (the GEMMs run over whole chunks); it is kept for its nu
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -179,7 +180,7 @@ def _dz_recompute_kernel(
                HAS_BIAS, HAS_REF_BIAS, HAS_SOFTCAP, USE_Q, USE_ENTROPY, USE_SUM, FILTER, NEED_DB)
 
 
-def _per_row_args(stats: "DzInputs"):
+def _per_row_args(stats: "DzInputs") -> Tuple[torch.Tensor, ...]:
     """The per-row pointer arguments shared by both kernels (absent ones replaced by ``lse``,
     never dereferenced: their flags are off)."""
     dummy = stats.lse
@@ -189,22 +190,35 @@ def _per_row_args(stats: "DzInputs"):
             pick(stats.g_logit_sum))
 
 
+@dataclass(frozen=True)
 class DzInputs:
     """Everything per row (and the biases) that ``∂z`` needs, in the layouts the kernels read:
     per-row vectors fp32 contiguous by original row id, ``targets (N, J)`` int64 (−1 where ignored
-    or not owned), ``g_tgt (N, J)`` fp32 contiguous, biases contiguous."""
+    or not owned), ``g_tgt (N, J)`` fp32 contiguous, biases contiguous. ``None``: the term is off."""
 
-    def __init__(self, *, bias, ref_bias, targets, lse, ref_lse, entropy, g_lse, g_tgt, g_kl, g_entropy,
-                 g_logit_sum, inv_temperature: float, softcap: Optional[float], filter_eps: Optional[float]):
-        self.bias, self.ref_bias, self.targets = bias, ref_bias, targets
-        self.lse, self.ref_lse, self.entropy = lse, ref_lse, entropy
-        self.g_lse, self.g_tgt, self.g_kl, self.g_entropy, self.g_logit_sum = g_lse, g_tgt, g_kl, g_entropy, g_logit_sum
-        self.inv_temperature, self.softcap = inv_temperature, softcap
+    bias: Optional[torch.Tensor]
+    ref_bias: Optional[torch.Tensor]
+    targets: torch.Tensor
+    lse: torch.Tensor
+    ref_lse: Optional[torch.Tensor]
+    entropy: Optional[torch.Tensor]
+    g_lse: torch.Tensor
+    g_tgt: torch.Tensor
+    g_kl: Optional[torch.Tensor]
+    g_entropy: Optional[torch.Tensor]
+    g_logit_sum: Optional[torch.Tensor]
+    inv_temperature: float
+    softcap: Optional[float]
+    filter_eps: Optional[float]
+
+    def __post_init__(self) -> None:
         # A logit-sum cotangent puts g_Σ on every column however small p is: no tile is
         # negligible, so the filter would drop real gradient. Exact mode then.
-        self.filter_eps = filter_eps if (filter_eps and g_logit_sum is None) else None
+        if self.g_logit_sum is not None or not self.filter_eps:
+            object.__setattr__(self, "filter_eps", None)
 
-    def flags(self, need_db: bool):
+    def flags(self, need_db: bool) -> Dict[str, bool]:
+        """The constexpr feature flags of ``_finish_dz``."""
         return dict(
             HAS_BIAS=self.bias is not None, HAS_REF_BIAS=self.g_kl is not None and self.ref_bias is not None,
             HAS_SOFTCAP=self.softcap is not None, USE_Q=self.g_kl is not None,
@@ -212,7 +226,8 @@ class DzInputs:
             FILTER=self.filter_eps is not None, NEED_DB=need_db,
         )
 
-    def scalars(self):
+    def scalars(self) -> Tuple[float, float, float]:
+        """``(inv_temperature, softcap, filter_eps)`` as kernel arguments (1.0 / 0.0 when off)."""
         return (self.inv_temperature, self.softcap if self.softcap is not None else 1.0,
                 self.filter_eps if self.filter_eps is not None else 0.0)
 
