@@ -62,9 +62,9 @@ CPU_ROWS = (4,)
 
 # Real lm-heads: (hidden size D, vocabulary V) of the models named.
 HEADS = {
-    "llama3-8b": (4096, 128256),
-    "qwen2.5-7b": (3584, 152064),
-    "gemma2-2b": (2304, 256000),
+    "llama-3-8b": (4096, 128256),
+    "qwen-2.5-7b": (3584, 152064),
+    "gemma-2-2b": (2304, 256000),
 }
 CORE_TOKENS = (4096, 16384, 65536)
 GPU_SEQ = 2048  # tokens per row on GPU tiers (at most half of N, so preference batches have >= 2 rows)

@@ -189,9 +189,10 @@ def test_chunk_plan_follows_the_budget(monkeypatch):
             assert plan.forward % 128 == 0 and plan.sub % 128 == 0 and plan.window % plan.sub == 0
             assert plan.forward * n * 4 * (2 if has_ref else 1) <= allowed
             logits = n * 4 * (2 if kl_grad else 1) if strategy == "chunked" else 0
-            used = plan.sub * (logits + d * 4) + plan.window * (n * 2 + n)
+            used = plan.sub * (logits + d * 4) + plan.window * n * 2
             assert used <= allowed, (strategy, has_ref, kl_grad, plan)
-            assert plan.window >= 3 * plan.sub, "the ∂h window must span several sub-chunks"
+            # The ∂h GEMM stays compute-bound (module docstring of chunking): a window of ≥ 2048 columns.
+            assert plan.window >= chunking.MIN_WINDOW, plan
     wide = chunking.chunk_plan("chunked", n, v, d, in_bytes=2, budget=0.5)
     assert wide.window > chunking.chunk_plan("chunked", n, v, d, in_bytes=2).window
     monkeypatch.setenv(chunking.BUDGET_ENV, "0.5")

@@ -100,17 +100,19 @@ def chunked_backward(
                 g.zero_()
         return seam.HeadGrads(expand_rows(dh_c, idx, n), dw, db)
     dz_in = _dz_inputs(inputs)
-    copies = 0 if n_valid == n else (1 + (rh_c is not None))  # compacted hidden-state copies held
     plan = chunk_plan(strategy, n_valid, v, d, in_bytes=h.element_size(), weight_bytes=w.element_size(),
-                      has_ref=rh is not None, kl_grad=use_q, budget=inputs.params.chunk_budget, row_copies=copies)
+                      has_ref=rh is not None, kl_grad=use_q, has_bias=needs.bias, budget=inputs.params.chunk_budget)
     # The Triton 3.9 interpreter converts fp32 to bf16 by truncation (an error up to 2⁻⁷ instead of
     # 2⁻⁹, always towards 0); compiled kernels round to nearest. Under the interpreter (``upcast``
     # is set exactly there for 16-bit inputs) the kernel therefore stores fp32 and torch rounds.
     dz_dtype = torch.float32 if upcast else h.dtype
     block_rows = dz_row_block(dev, cfg.block_n if strategy == "streaming" else 0)
+    # One ∂z buffer for every window (the last, narrower one uses its first columns): a new buffer
+    # per window would hold two windows at once while the next is allocated.
+    dz_buf = torch.empty(n_valid, min(plan.window, v), dtype=dz_dtype, device=dev)
     for w0 in range(0, v, plan.window):
         w1 = min(v, w0 + plan.window)
-        dz = torch.empty(n_valid, w1 - w0, dtype=dz_dtype, device=dev)  # the window's ∂z
+        dz = dz_buf[:, :w1 - w0]  # the window's ∂z
         for c0 in range(w0, w1, plan.sub):
             c1 = min(w1, c0 + plan.sub)
             dz_c = dz[:, c0 - w0:c1 - w0]  # this sub-chunk's columns (row stride: the window's width)
@@ -136,5 +138,7 @@ def chunked_backward(
         if dh_c is not None:
             # [n_valid, W] @ [W, D] -> [n_valid, D], += in fp32: one pass over the accumulator per window.
             addmm_f32_(dh_c, dz.to(h.dtype), w[w0:w1])
+    # Free the chunk buffers and the compacted copies before ∂h is scattered to all rows.
+    del dz_buf, dz, dz_c, h_c, rh_c
     return seam.HeadGrads(expand_rows(dh_c, idx, n), dw, db)
 

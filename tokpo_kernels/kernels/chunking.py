@@ -15,14 +15,16 @@ Both Triton strategies process the vocabulary in chunks (``docs/architecture.md`
 
 The floor every exact backward of this design holds is ``floor_bytes``: the ``∂W`` rows in the
 weight's dtype, the fp32 ``∂h`` accumulator (the sum over vocabulary chunks must be exact in fp32)
-and the returned ``∂h`` in the hidden dtype. The chunk buffers (and any compacted copy of the
-hidden states) are sized to stay within ``budget × floor_bytes`` (default 10 %) plus the room of the
-returned ``∂h``, which is allocated only after the chunk loop: the peak extra memory of a step is
-at most ``(1 + budget) × floor_bytes`` plus O(N) statistics.
+and the returned ``∂h`` in the hidden dtype. The chunk buffers are sized to stay within
+``budget × floor_bytes`` (default 10 %) plus the room of the returned ``∂h``, which is allocated
+only after the chunk loop: the peak extra memory of a step is at most ``(1 + budget) × floor_bytes``
+plus O(N) statistics, plus — only when some rows are ignored — the compacted copies of the hidden
+states the GEMMs read (``allowance_bytes``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -66,15 +68,16 @@ class ChunkPlan:
     window: int
 
 
-def allowance_bytes(
-    n_rows: int, vocab: int, hidden: int, *, in_bytes: int, weight_bytes: int, budget: float,
-    row_copies: int = 0,
-) -> float:
+def allowance_bytes(n_rows: int, vocab: int, hidden: int, *, in_bytes: int, weight_bytes: int, budget: float) -> float:
     """Bytes the chunk buffers may take: ``budget × floor_bytes`` plus the returned ``∂h`` (allocated
-    only after the chunk loop has freed its buffers, so its room is free during the loop), minus the
-    compacted copies of hidden-state matrices (``row_copies`` of ``n × hidden``) the call holds."""
+    only after the chunk loop has freed its buffers, so its room is free during the loop).
+
+    Not counted: the compacted copies of the hidden states (``n × hidden`` per head) that the GEMMs
+    read when some rows are ignored. They are not chunk buffers, and charging them here would shrink
+    every chunk to its minimum at the Llama-3-8B shape (two copies take almost all of the allowance)
+    and triple the step's time; they come on top of the budget, each about the size of ``∂h``."""
     floor = floor_bytes(n_rows, vocab, hidden, weight_bytes, in_bytes)
-    return budget * floor + n_rows * hidden * in_bytes - row_copies * n_rows * hidden * in_bytes
+    return budget * floor + n_rows * hidden * in_bytes
 
 
 def _quantised(cols: float, vocab: int, quantum: int = COLUMN_QUANTUM) -> int:
@@ -87,7 +90,7 @@ def _quantised(cols: float, vocab: int, quantum: int = COLUMN_QUANTUM) -> int:
 
 def chunk_plan(
     strategy: str, n_rows: int, vocab: int, hidden: int, *, in_bytes: int, weight_bytes: Optional[int] = None,
-    has_ref: bool = False, kl_grad: Optional[bool] = None, budget: Optional[float] = None, row_copies: int = 0,
+    has_ref: bool = False, kl_grad: Optional[bool] = None, has_bias: bool = False, budget: Optional[float] = None,
 ) -> ChunkPlan:
     """The chunk widths of one call (``ChunkPlan``), from the allowance of ``allowance_bytes``.
 
@@ -95,10 +98,9 @@ def chunk_plan(
     per column, twice with a reference head ``has_ref``).
     Backward: the sub-chunk buffers (chunked: the fp32 logits of the policy, and of the reference
     when a KL gradient flows, ``kl_grad``; both strategies: the fp32 ``∂W`` rows of one GEMM,
-    ``hidden × 4`` per column) get at most a third of the allowance and at most what leaves room
-    for a window of ``_WINDOW_SUBS`` sub-chunks; the rest goes to the ``∂z`` window (``n × in_bytes``
-    per column, plus ``n × 4 / 16`` for the per-row-block ``∂b`` partials, counted as ``n``), whose
-    width sets the ``∂h`` traffic.
+    ``hidden × 4`` per column; with a bias ``has_bias`` the per-row-block ``∂b`` partials) get as
+    much of the allowance as leaves a ``∂z`` window (``n × in_bytes`` per column) of at least
+    ``MIN_WINDOW`` columns and at least one sub-chunk; the window gets the rest.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
@@ -108,21 +110,33 @@ def chunk_plan(
         return ChunkPlan(forced, forced, min(2 * forced, max(vocab, 1)))
     n = max(n_rows, 1)
     wb = in_bytes if weight_bytes is None else weight_bytes
-    allowed = allowance_bytes(n, vocab, hidden, in_bytes=in_bytes, weight_bytes=wb,
-                              budget=resolve_budget(budget), row_copies=row_copies)
+    allowed = allowance_bytes(n, vocab, hidden, in_bytes=in_bytes, weight_bytes=wb, budget=resolve_budget(budget))
     forward = _quantised(allowed / (n * 4 * (2 if has_ref else 1)), vocab)
     q = has_ref if kl_grad is None else kl_grad
-    sub_cost = (n * 4 * (2 if q else 1) if strategy == "chunked" else 0) + hidden * 4
-    window_cost = n * in_bytes + n
-    sub = _quantised(min(allowed / 3 / sub_cost, allowed / (sub_cost + _WINDOW_SUBS * window_cost)), vocab)
+    # Per sub-chunk column: the fp32 logits (chunked), the fp32 ∂W GEMM output, and with a bias the
+    # per-row-block fp32 ∂b partials (N / BLOCK_N rows of 4 bytes, BLOCK_N ≥ 16: counted as n / 4).
+    sub_cost = (n * 4 * (2 if q else 1) if strategy == "chunked" else 0) + hidden * 4 + (n // 4 if has_bias else 0)
+    window_cost = n * in_bytes
+    # The widest sub-chunk whose buffers leave room for a window of max(sub, MIN_WINDOW) columns:
+    # either sub = window ≥ MIN_WINDOW, or MIN_WINDOW / k for the smallest whole k that fits beside
+    # a MIN_WINDOW window (so that sub-chunks tile the window: no narrow leftover GEMM). Then the
+    # widest window of whole sub-chunks that fits beside it.
+    wide = allowed / (sub_cost + window_cost)
+    if wide >= MIN_WINDOW:
+        sub = _quantised(wide, vocab)
+    else:
+        narrow = (allowed - MIN_WINDOW * window_cost) / sub_cost
+        sub = _quantised(MIN_WINDOW / math.ceil(MIN_WINDOW / max(narrow, 1.0)), vocab)
     window = _quantised((allowed - sub * sub_cost) / window_cost, vocab, quantum=sub)
     return ChunkPlan(forward, sub, max(window, sub))
 
 
-# The ∂z window aims at ≥ 4 sub-chunks (fewer when rounding to whole sub-chunks loses one): the
-# ∂h traffic falls as 1/window, and a sub-chunk narrower than a quarter of it still feeds GEMMs of
-# ≥ 512 columns at the Llama-3-8B shape.
-_WINDOW_SUBS = 4
+# The ∂h GEMM adds dz_window · W_window (2·N·D·window FLOPs) into the fp32 accumulator, which it
+# reads and writes (8·N·D bytes): its tensor time exceeds that traffic's HBM time once
+# window > 4 · GEMM rate / HBM bandwidth ≈ 4 · 780e12 / 3.0e12 ≈ 1040 columns on an H100 (less on
+# an H200). 2048 leaves a factor 2; the rest of the allowance goes to wider sub-chunks (fewer
+# launches, larger recompute and ∂W GEMMs).
+MIN_WINDOW = 2048
 
 
 def _forced_columns(vocab: int) -> Optional[int]:

@@ -154,9 +154,8 @@ def _chunked_stats(
     h_c, rh_c = compact_rows(h, idx, n), compact_rows(rh, idx, n)
     state = torch.zeros(NUM_PARTIALS, 1, n_valid, dtype=torch.float32, device=h.device)
     state[list(MAX_PLANES)] = float("-inf")  # neutral running maxima: the first chunk's max wins
-    copies = 0 if n_valid == n else (2 if rh is not None else 1)  # compacted hidden-state copies held
     cols = chunk_plan("chunked", n_valid, v, h.shape[1], in_bytes=h.element_size(), weight_bytes=w.element_size(),
-                      has_ref=rh is not None, budget=params.chunk_budget, row_copies=copies).forward
+                      has_ref=rh is not None, budget=params.chunk_budget).forward
     if n_valid:
         for c0 in range(0, v, cols):
             c1 = min(v, c0 + cols)
@@ -166,6 +165,7 @@ def _chunked_stats(
                 launch_row_stats(z, zr, _vec(b), _vec(rb), state[:, 0], c0,
                                  inv_temperature=1.0 / params.temperature, softcap=params.softcap,
                                  need_kl=params.kl, need_entropy=params.entropy, need_sum=params.logit_sum)
+            del z, zr  # before the next chunk's GEMM allocates: one chunk alive at a time
     raw = _merged(state, rh is not None, params)
     scatter = lambda x: expand_rows(x, idx, n)  # noqa: E731
     return raw._replace(lse=scatter(raw.lse), ref_lse=scatter(raw.ref_lse), kl=scatter(raw.kl),

@@ -90,10 +90,11 @@ def _row_stats_kernel(
         tl.store(state_ptr + P_ZSUM * N_ROWS + pos, zsum, mask=row_mask)
 
 
-# CUDA: 16 rows × 256 fp32 columns per step at 4 warps = 32 logits per thread, read as 16-byte
+# CUDA: 16 rows × 256 fp32 columns per step at 8 warps = 16 logits per thread, read as 16-byte
 # vectors (the chunk's row stride is a multiple of 128 columns, see chunking.COLUMN_QUANTUM), and
-# N/16 programs (1024 at N = 16k) keep every SM streaming. Interpreter: small tiles, tiny shapes.
-_CUDA_BLOCKS = dict(BLOCK_N=16, BLOCK_V=256, num_warps=4)
+# N/16 programs (1024 at N = 16k) keep every SM streaming. (At 4 warps the heaviest variant took
+# 230 registers per thread.) Interpreter: small tiles, tiny shapes.
+_CUDA_BLOCKS = dict(BLOCK_N=16, BLOCK_V=256, num_warps=8)
 _INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, num_warps=1)
 
 
