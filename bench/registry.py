@@ -40,7 +40,7 @@ class Shape:
     dim: int
     vocab: int
     ignored_prefix: int = 0
-    label: str = ""  # e.g. "llama3-8b": which model head this shape stands for
+    label: str = ""  # e.g. "llama-3-8b": which model head this shape stands for
     candidates: int = 0  # K target ids per hidden row (TLPO: rows = G groups, seq = 1); 0 = one label
 
     @property
