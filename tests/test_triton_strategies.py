@@ -193,6 +193,12 @@ def test_chunk_plan_follows_the_budget(monkeypatch):
             assert used <= allowed, (strategy, has_ref, kl_grad, plan)
             # The ∂h GEMM stays compute-bound (module docstring of chunking): a window of ≥ 2048 columns.
             assert plan.window >= chunking.MIN_WINDOW, plan
+    # Every core-tier head and N (and a tight case found by the cost model's sweep): the ∂h window
+    # never falls below MIN_WINDOW, and sub-chunks tile it.
+    for rows, vocab, hidden in ((4096, 152064, 3584), (65536, 256000, 2304), (26624, 256000, 2304)):
+        for strategy in chunking.STRATEGIES:
+            plan = chunking.chunk_plan(strategy, rows, vocab, hidden, in_bytes=2, has_ref=True, kl_grad=True)
+            assert plan.window >= chunking.MIN_WINDOW and plan.window % plan.sub == 0, (rows, vocab, strategy, plan)
     wide = chunking.chunk_plan("chunked", n, v, d, in_bytes=2, budget=0.5)
     assert wide.window > chunking.chunk_plan("chunked", n, v, d, in_bytes=2).window
     monkeypatch.setenv(chunking.BUDGET_ENV, "0.5")

@@ -24,7 +24,6 @@ states the GEMMs read (``allowance_bytes``).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -118,15 +117,19 @@ def chunk_plan(
     sub_cost = (n * 4 * (2 if q else 1) if strategy == "chunked" else 0) + hidden * 4 + (n // 4 if has_bias else 0)
     window_cost = n * in_bytes
     # The widest sub-chunk whose buffers leave room for a window of max(sub, MIN_WINDOW) columns:
-    # either sub = window ≥ MIN_WINDOW, or MIN_WINDOW / k for the smallest whole k that fits beside
-    # a MIN_WINDOW window (so that sub-chunks tile the window: no narrow leftover GEMM). Then the
-    # widest window of whole sub-chunks that fits beside it.
+    # either sub = window ≥ MIN_WINDOW, or MIN_WINDOW / 2^k, the widest power-of-two fraction that
+    # fits beside a MIN_WINDOW window (a whole number of 128-column steps that tiles the window:
+    # no narrow leftover GEMM, and the window stays ≥ MIN_WINDOW). Then the widest window of whole
+    # sub-chunks that fits beside it.
     wide = allowed / (sub_cost + window_cost)
     if wide >= MIN_WINDOW:
         sub = _quantised(wide, vocab)
     else:
         narrow = (allowed - MIN_WINDOW * window_cost) / sub_cost
-        sub = _quantised(MIN_WINDOW / math.ceil(MIN_WINDOW / max(narrow, 1.0)), vocab)
+        sub = MIN_WINDOW
+        while sub > narrow and sub > COLUMN_QUANTUM:
+            sub //= 2
+        sub = min(sub, max(vocab, 1))
     window = _quantised((allowed - sub * sub_cost) / window_cost, vocab, quantum=sub)
     return ChunkPlan(forward, sub, max(window, sub))
 
