@@ -210,10 +210,32 @@ def test_chunk_plan_follows_the_budget(monkeypatch):
     assert chunking.chunk_plan("chunked", 10**7, 50, 64, in_bytes=4) == chunking.ChunkPlan(50, 50, 50)
 
 
-@pytest.mark.parametrize("env,value", [(chunking.BUDGET_ENV, "zero"), (chunking.BUDGET_ENV, "-1"),
-                                       (chunking.COLUMNS_ENV, "0"), (chunking.COLUMNS_ENV, "wide")])
+_BAD_ENVIRONMENT = [(chunking.BUDGET_ENV, "zero"), (chunking.BUDGET_ENV, "-1"), (chunking.BUDGET_ENV, "inf"),
+                    (chunking.BUDGET_ENV, "nan"), (chunking.BUDGET_ENV, "200"),
+                    (chunking.COLUMNS_ENV, "0"), (chunking.COLUMNS_ENV, "wide")]
+
+
+@pytest.mark.parametrize("env,value", _BAD_ENVIRONMENT)
 def test_chunk_environment_is_validated(monkeypatch, env, value):
     monkeypatch.delenv(chunking.COLUMNS_ENV, raising=False)
     monkeypatch.setenv(env, value)
     with pytest.raises(ValueError, match=env):
         chunking.chunk_plan("chunked", 10, 300, 8, in_bytes=4)
+
+
+@pytest.mark.parametrize("env,value", _BAD_ENVIRONMENT[::2])
+def test_bad_chunk_environment_is_refused_before_any_kernel(impl, impl_device, monkeypatch, env, value):
+    """Every Triton strategy refuses a malformed chunk variable at the forward, before its first
+    kernel, even where no chunk is sized (the streaming forward, under no_grad)."""
+    monkeypatch.delenv(chunking.COLUMNS_ENV, raising=False)
+    monkeypatch.setenv(env, value)
+    from tokpo_kernels.kernels import launch
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the malformed variable was refused")
+
+    for name in ("launch_forward_stats", "launch_row_stats", "launch_target_logits"):
+        monkeypatch.setattr(launch, name, no_kernel)
+    h, w, y = torch.randn(6, 16), torch.randn(40, 16), torch.randint(0, 40, (6,))
+    with torch.no_grad(), pytest.raises(ValueError, match=env):
+        tk.linear_vocab_stats(h.to(impl_device), w.to(impl_device), y.to(impl_device), impl=impl)

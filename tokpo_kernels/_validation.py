@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+import reprlib
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -85,7 +86,8 @@ def check_number(
     validate, and hyperparameters are runtime scalars in this library.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__}")
+        # reprlib: a tensor or a long list passed by mistake is shown abridged.
+        raise TypeError(f"{name}: expected a Python number, got {type(value).__name__} {reprlib.repr(value)}")
     v = float(value)
     bounds = ((">", gt, operator.gt), (">=", ge, operator.ge), ("<", lt, operator.lt), ("<=", le, operator.le))
     given = [(f"{sign} {bound:g}", holds(v, bound)) for sign, bound, holds in bounds if bound is not None]

@@ -23,6 +23,7 @@ from tokpo_kernels._validation import (
 from tokpo_kernels.backends import backend_entry
 from tokpo_kernels.distributed.sharded_weights import resolve_sharded_weights
 from tokpo_kernels.distributed.vocab_parallel import vocab_shard
+from tokpo_kernels.kernels.chunking import MAX_BUDGET
 from tokpo_kernels.numerics import accum_dtype
 from tokpo_kernels.ops.vocab_stats import refuse_unsupported_transforms, vocab_stats_2d
 
@@ -196,7 +197,7 @@ def linear_vocab_stats(
         max_logit=max_logit,
         logit_sum=mean_logit,
         filter_eps=filter_eps,
-        chunk_budget=None if chunk_budget is None else check_number("chunk_budget", chunk_budget, gt=0, le=100),
+        chunk_budget=None if chunk_budget is None else check_number("chunk_budget", chunk_budget, gt=0, le=MAX_BUDGET),
     )
 
     dim = hidden.shape[-1]

@@ -61,14 +61,16 @@ export PYTHONUNBUFFERED=1
 # What the bench measures, in this order (the bench runs --impls impl by impl, so if its --budget
 # runs out, the rows cut are the last of this list): the library's GPU strategies (its concrete
 # backends that run natively only on the GPU, read from its registry at run time, so a new one is
-# included with no edit here), the peers (the exact ones first), the naive baseline (the table's
-# ratios), then the library's other backends (chunked PyTorch, a CPU path). Peers the checklist
-# does not name (torch_lce_chunked, tdpo_reference_code) can be added to TOKPO_GPU_PEERS.
+# included with no edit here), the naive baseline (the table's ratios), then the peers (the exact
+# ones first). The library's CPU backend (chunked PyTorch) is not timed on the GPU. Peers the
+# checklist does not name (torch_lce_chunked, tdpo_reference_code) can be added to TOKPO_GPU_PEERS.
 OPS="linear_cross_entropy,tdpo_loss,dpo_loss"
 HEAD="llama-3-8b"
 N=16384
-REPS=10            # timed repetitions per row (20 is the core tier's default: 10 halves the step time)
-PEERS="${TOKPO_GPU_PEERS:-liger_flce,cce_exact,torch_lce,liger_dpo,cce}"
+REPS=5             # timed repetitions per row (20 is the core tier's default: 5 leaves time for more rows)
+# The issue's peers, each once: Liger's fused linear CE, F.linear_cross_entropy, Cut Cross-Entropy
+# (its exact variant; the default filtered one, "cce", can be added here), Liger's chunked DPO.
+PEERS="${TOKPO_GPU_PEERS:-liger_flce,torch_lce,cce_exact,liger_dpo}"
 # Prints the --impls list described above (python; the registry decides what is a GPU strategy).
 IMPL_ORDER_PY="
 import sys
@@ -77,19 +79,18 @@ from bench.registry import get_operation
 from tokpo_kernels.backends import backend_entry
 gpu = [n for n in LIBRARY_IMPLS if backend_entry(n).emulated_devices]
 base = get_operation(sys.argv[1].split(',')[0]).baseline
-rest = [n for n in LIBRARY_IMPLS if n not in gpu and n != base]
-print(','.join(gpu + sys.argv[2].split(',') + [base] + rest))
+print(','.join(gpu + [base] + sys.argv[2].split(',')))
 "
 
 # Hard limits per step, seconds. Their sum, plus KILL_GRACE per step for a process that ignores
 # SIGTERM, is the worst case of the whole session: 505 + 5 x 5 = 530 s = 8.8 min. The bench gets
 # what the others leave: it is the step whose rows a shorter budget would cut.
 KILL_GRACE=5
-LIMIT_SETUP=30
-LIMIT_TESTS=90
-LIMIT_GEMM=25
-LIMIT_BENCH=340
-BENCH_BUDGET=310   # the bench's own --budget: it stops starting rows, then writes JSON + plot
+LIMIT_SETUP=20
+LIMIT_TESTS=60
+LIMIT_GEMM=15
+LIMIT_BENCH=390
+BENCH_BUDGET=360   # the bench's own --budget: it stops starting rows, then writes JSON + plot
 WORKER_TIMEOUT=120 # one bench worker process (a hung impl costs at most this)
 LIMIT_MODEL=20
 PER_TEST_TIMEOUT=60

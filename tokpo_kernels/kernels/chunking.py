@@ -155,6 +155,11 @@ def _forced_columns(vocab: int) -> Optional[int]:
     return min(cols, max(vocab, 1))
 
 
+# The largest budget accepted (the keyword's bound too): 100 × the gradient buffers is already
+# more than any GPU holds at the heads this library targets; a larger number is a typo.
+MAX_BUDGET = 100.0
+
+
 def resolve_budget(budget: Optional[float] = None) -> float:
     """The chunk budget: ``budget`` when given, else ``$TOKPO_CHUNK_BUDGET``, else 10 %."""
     if budget is None:
@@ -164,7 +169,15 @@ def resolve_budget(budget: Optional[float] = None) -> float:
         try:
             budget = float(env)
         except ValueError:
-            raise ValueError(f"{BUDGET_ENV}: expected a positive number, got {env!r}") from None
-        if not budget > 0:
-            raise ValueError(f"{BUDGET_ENV}: expected a positive number, got {env!r}")
+            budget = float("nan")
+        if not 0 < budget <= MAX_BUDGET:  # also refuses nan and inf
+            raise ValueError(f"{BUDGET_ENV}: expected a number > 0 and <= {MAX_BUDGET:g}, got {env!r}")
     return float(budget)
+
+
+def check_environment() -> None:
+    """Parse ``$TOKPO_CHUNK_BUDGET`` and ``$TOKPO_CHUNK_COLUMNS`` (``ValueError`` naming the variable
+    and its value when malformed): the launchers call it before their first kernel, so a bad
+    value is refused before any work, by every strategy, even when no chunk is ever sized."""
+    resolve_budget(None)
+    _forced_columns(1)

@@ -27,7 +27,7 @@ from tokpo_kernels import _types as seam  # the backend seam's value types
 from tokpo_kernels._alloc import empty_output
 from tokpo_kernels._compat import triton_interpreter_enabled
 from tokpo_kernels.kernels.backward_chunks import chunked_backward
-from tokpo_kernels.kernels.chunking import chunk_plan
+from tokpo_kernels.kernels.chunking import check_environment, chunk_plan
 from tokpo_kernels.kernels.configs import backward_config, forward_config, forward_splits
 from tokpo_kernels.kernels.forward_stats import MAX_PLANES, NUM_PARTIALS, launch_forward_stats, merge_splits
 from tokpo_kernels.kernels.gemm import compact_rows, expand_rows, mm_f32
@@ -84,6 +84,7 @@ def triton_forward(
     ``"chunked"``), fp32, with the row permutation for the backward."""
     h, w, b, rh, rw, rb = head
     n, j = targets.ids.shape
+    check_environment()  # the chunk variables, before any kernel (the streaming forward sizes no chunk)
     row_index, n_valid = _compaction(targets.row_valid)
     tgt_logit, ref_tgt_logit = _target_logits(head, targets, params)
     if strategy == "streaming":
