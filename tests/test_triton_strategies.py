@@ -153,7 +153,7 @@ def test_chunk_width_does_not_change_the_result(impl, impl_device, gen, monkeypa
         assert_close(g.cpu().double(), e.detach(), rtol=0.0, atol=atol_scaled(1e-4, e.detach()), name=name)
 
 
-def test_triton_runs_the_default_strategy(impl_device, gen, monkeypatch):
+def test_triton_runs_the_default_strategy(device, gen, monkeypatch):
     """``impl="triton"`` dispatches to ``DEFAULT_STRATEGY`` of the device type."""
     pytest.importorskip("triton")
     from tokpo_kernels.kernels import launch
@@ -163,9 +163,9 @@ def test_triton_runs_the_default_strategy(impl_device, gen, monkeypatch):
     real_fwd, real_bwd = launch.triton_forward, launch.triton_backward
     monkeypatch.setattr(launch, "triton_forward", lambda *a: seen.append(a[-1]) or real_fwd(*a))
     monkeypatch.setattr(launch, "triton_backward", lambda *a: seen.append(a[-1]) or real_bwd(*a))
-    leaves, y, cot = _case(gen, torch.float32, impl_device)
+    leaves, y, cot = _case(gen, torch.float32, device)
     _step("triton", leaves, y, cot)
-    assert seen == [DEFAULT_STRATEGY[torch.device(impl_device).type]] * 2
+    assert seen == [DEFAULT_STRATEGY[torch.device(device).type]] * 2
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, float("nan"), "0.1", True])
