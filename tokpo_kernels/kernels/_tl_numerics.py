@@ -126,14 +126,29 @@ def online_kl_step(mr, sr, a, zr, z, m_new, dm):
 
 
 @triton.jit
-def store_target_logits(z, tgt_ptr, out_ptr, rows, row_mask, offs_v, col_mask, J, stride_tn, stride_tj):
-    """Write ``z[row, y_j]`` to ``out[row, j]`` for every target id that falls in this tile."""
-    for j in range(0, J):
-        t = tl.load(tgt_ptr + rows * stride_tn + j * stride_tj, mask=row_mask, other=-1)
-        hit = (offs_v[None, :] == t[:, None]) & col_mask[None, :]
-        val = tl.sum(tl.where(hit, z, 0.0), 1)
-        found = tl.max(hit.to(tl.int32), 1) > 0
-        tl.store(out_ptr + rows * J + j, val, mask=row_mask & found)
+def fold_policy_tile(m, s, e, zsum, z, col_mask, NEED_ENTROPY: tl.constexpr, NEED_SUM: tl.constexpr):
+    """Fold the transformed policy tile ``z`` (valid in ``col_mask`` columns) into ``(m, s, e)`` and
+    the plain fp32 sum ``zsum`` (linear in ``z``: no max shift). Returns them with the masked tile
+    and the growth ``dm`` of ``m``, which ``fold_reference_tile`` needs."""
+    if NEED_SUM:
+        zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
+    # −inf outside the valid columns: they never win the max and add exp(−inf) = 0.
+    z = tl.where(col_mask[None, :], z, float("-inf"))
+    m, s, e, dm = online_softmax_step(m, s, e, z, NEED_ENTROPY)
+    return m, s, e, zsum, z, dm
+
+
+@triton.jit
+def fold_reference_tile(mr, sr, a, zr, z, m, dm, col_mask, NEED_KL: tl.constexpr):
+    """Fold the transformed reference tile ``zr`` into ``(mr, sr, a)``, after the matching policy
+    tile (``z`` masked, ``m``, ``dm`` from ``fold_policy_tile``). Called after the policy's fold,
+    so that the reference tile is computed only then (fewer tiles live at once)."""
+    zr = tl.where(col_mask[None, :], zr, float("-inf"))
+    if NEED_KL:
+        mr, sr, a = online_kl_step(mr, sr, a, zr, z, m, dm)
+    else:
+        mr, sr, a, _ = online_softmax_step(mr, sr, a, zr, False)
+    return mr, sr, a
 
 
 # The universal gradient (docs/methods.md §1). With p = softmax(z), ℓ = log p = z − lse,

@@ -34,9 +34,9 @@ import triton.language as tl
 from tokpo_kernels._types import ImplParams, RawStats
 from tokpo_kernels.kernels._tl_numerics import (
     compacted_rows,
+    fold_policy_tile,
+    fold_reference_tile,
     logit_tile,
-    online_kl_step,
-    online_softmax_step,
     transform_logits,
 )
 from tokpo_kernels.kernels.configs import autotune_enabled, tuning_space
@@ -93,37 +93,37 @@ def _forward_stats_kernel(
                        stride_hn, stride_hd, stride_wv, stride_wd,
                        HAS_BIAS, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
         z = transform_logits(z, inv_temperature, softcap, HAS_SOFTCAP)
-        if NEED_SUM:
-            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        # −inf outside the vocabulary: such columns never win the max and add exp(−inf) = 0.
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m, s, e, dm = online_softmax_step(m, s, e, z, NEED_ENTROPY)
+        m, s, e, zsum, z, dm = fold_policy_tile(m, s, e, zsum, z, col_mask, NEED_ENTROPY, NEED_SUM)
         if HAS_REF:
             zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, rows, row_mask, offs_v, col_mask, D_REF,
                             stride_rhn, stride_rhd, stride_rwv, stride_rwd,
                             HAS_REF_BIAS, REF_UPCAST, REF_DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D)
             zr = transform_logits(zr, inv_temperature, softcap, HAS_SOFTCAP)
-            zr = tl.where(col_mask[None, :], zr, float("-inf"))
-            if NEED_KL:
-                mr, sr, a = online_kl_step(mr, sr, a, zr, z, m, dm)
-            else:
-                mr, sr, a, _ = online_softmax_step(mr, sr, a, zr, False)
+            mr, sr, a = fold_reference_tile(mr, sr, a, zr, z, m, dm, col_mask, NEED_KL)
 
-    # Only the planes the flags ask for are written; split_stats reads exactly those.
     # int64: NUM_PARTIALS·splits·N may pass 2³¹ (rows is int64 already).
-    split_base = part_ptr + pid_s.to(tl.int64) * N + rows
     plane = N.to(tl.int64) * NUM_SPLITS  # N is never specialised (NUM_SPLITS may be a constexpr 1)
-    tl.store(split_base + P_M * plane, m, mask=row_mask)
-    tl.store(split_base + P_S * plane, s, mask=row_mask)
+    store_planes(part_ptr + pid_s.to(tl.int64) * N + rows, plane, row_mask, m, s, e, mr, sr, a, zsum,
+                 HAS_REF, NEED_KL, NEED_ENTROPY, NEED_SUM)
+
+
+@triton.jit
+def store_planes(base, plane, row_mask, m, s, e, mr, sr, a, zsum,
+                 HAS_REF: tl.constexpr, NEED_KL: tl.constexpr, NEED_ENTROPY: tl.constexpr, NEED_SUM: tl.constexpr):
+    """Write the accumulators of a row block to ``base + P_* · plane`` (this kernel's partials, the
+    chunked forward's running state). Only the planes the flags ask for are written;
+    ``split_stats`` reads exactly those."""
+    tl.store(base + P_M * plane, m, mask=row_mask)
+    tl.store(base + P_S * plane, s, mask=row_mask)
     if NEED_ENTROPY:
-        tl.store(split_base + P_E * plane, e, mask=row_mask)
+        tl.store(base + P_E * plane, e, mask=row_mask)
     if HAS_REF:
-        tl.store(split_base + P_MR * plane, mr, mask=row_mask)
-        tl.store(split_base + P_SR * plane, sr, mask=row_mask)
+        tl.store(base + P_MR * plane, mr, mask=row_mask)
+        tl.store(base + P_SR * plane, sr, mask=row_mask)
         if NEED_KL:
-            tl.store(split_base + P_A * plane, a, mask=row_mask)
+            tl.store(base + P_A * plane, a, mask=row_mask)
     if NEED_SUM:
-        tl.store(split_base + P_ZSUM * plane, zsum, mask=row_mask)
+        tl.store(base + P_ZSUM * plane, zsum, mask=row_mask)
 
 
 def launch_forward_stats(

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tokpo_kernels.kernels._tl_numerics import online_kl_step, online_softmax_step, transform_logits
-from tokpo_kernels.kernels.forward_stats import P_A, P_E, P_M, P_MR, P_S, P_SR, P_ZSUM
+from tokpo_kernels.kernels._tl_numerics import fold_policy_tile, fold_reference_tile, transform_logits
+from tokpo_kernels.kernels.forward_stats import P_A, P_E, P_M, P_MR, P_S, P_SR, P_ZSUM, store_planes
 
 
 @triton.jit
@@ -64,30 +64,12 @@ def _row_stats_kernel(
         col_mask = offs_c < C
         z = _load_logits(z_ptr, b_ptr, pos, row_mask, offs_c, col_mask, col0, stride_zn,
                          inv_temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
-        if NEED_SUM:
-            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
-        # −inf outside the chunk: such columns never win the max and add exp(−inf) = 0.
-        z = tl.where(col_mask[None, :], z, float("-inf"))
-        m, s, e, dm = online_softmax_step(m, s, e, z, NEED_ENTROPY)
+        m, s, e, zsum, z, dm = fold_policy_tile(m, s, e, zsum, z, col_mask, NEED_ENTROPY, NEED_SUM)
         if HAS_REF:
             zr = _load_logits(zr_ptr, rb_ptr, pos, row_mask, offs_c, col_mask, col0, stride_zrn,
                               inv_temperature, softcap, HAS_REF_BIAS, HAS_SOFTCAP)
-            zr = tl.where(col_mask[None, :], zr, float("-inf"))
-            if NEED_KL:
-                mr, sr, a = online_kl_step(mr, sr, a, zr, z, m, dm)
-            else:
-                mr, sr, a, _ = online_softmax_step(mr, sr, a, zr, False)
-    tl.store(state_ptr + P_M * N_ROWS + pos, m, mask=row_mask)
-    tl.store(state_ptr + P_S * N_ROWS + pos, s, mask=row_mask)
-    if NEED_ENTROPY:
-        tl.store(state_ptr + P_E * N_ROWS + pos, e, mask=row_mask)
-    if HAS_REF:
-        tl.store(state_ptr + P_MR * N_ROWS + pos, mr, mask=row_mask)
-        tl.store(state_ptr + P_SR * N_ROWS + pos, sr, mask=row_mask)
-        if NEED_KL:
-            tl.store(state_ptr + P_A * N_ROWS + pos, a, mask=row_mask)
-    if NEED_SUM:
-        tl.store(state_ptr + P_ZSUM * N_ROWS + pos, zsum, mask=row_mask)
+            mr, sr, a = fold_reference_tile(mr, sr, a, zr, z, m, dm, col_mask, NEED_KL)
+    store_planes(state_ptr + pos, N_ROWS, row_mask, m, s, e, mr, sr, a, zsum, HAS_REF, NEED_KL, NEED_ENTROPY, NEED_SUM)
 
 
 # CUDA: 16 rows × 256 fp32 columns per step at 8 warps = 16 logits per thread, read as 16-byte
