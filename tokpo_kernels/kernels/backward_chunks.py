@@ -41,7 +41,15 @@ from tokpo_kernels import _types as seam
 from tokpo_kernels.kernels.chunking import chunk_plan
 from tokpo_kernels.kernels.configs import KernelConfig
 from tokpo_kernels.kernels.dz_chunk import DzInputs, dz_row_block, launch_dz_from_logits, launch_dz_recompute
-from tokpo_kernels.kernels.gemm import accum_dtype, addmm_f32_, compact_rows, expand_rows, mm_f32, mm_into
+from tokpo_kernels.kernels.gemm import (
+    addmm_f32_,
+    compact_rows,
+    expand_rows,
+    mm_f32,
+    mm_into,
+    valid_rows_first,
+)
+from tokpo_kernels.numerics import accum_dtype
 
 
 def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -55,7 +63,7 @@ def _row_order(inputs: seam.BackwardInputs) -> torch.Tensor:
     order = inputs.saved.row_order
     if order is not None and order.numel() == inputs.targets.row_valid.shape[0]:
         return order
-    return torch.argsort((~inputs.targets.row_valid).to(torch.int32), stable=True)
+    return valid_rows_first(inputs.targets.row_valid)
 
 
 def _dz_inputs(inputs: seam.BackwardInputs) -> DzInputs:

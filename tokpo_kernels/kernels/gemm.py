@@ -22,12 +22,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from tokpo_kernels.numerics import accum_dtype
+
 _HALF = (torch.bfloat16, torch.float16)
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 for fp64 operands, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _cuda_half(a: torch.Tensor) -> bool:
@@ -106,6 +103,12 @@ def _probe(device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torc
     b = torch.randn(96, 80, generator=gen).to(device=device, dtype=dtype)
     acc = torch.randn(64, 80, generator=gen).to(device=device)
     return a, b, acc
+
+
+def valid_rows_first(row_valid: torch.Tensor) -> torch.Tensor:
+    """The stable permutation that lists the valid rows first (int64, (N,)), computed on the device
+    without a host sync: the row order of every GEMM operand ``compact_rows`` builds."""
+    return torch.argsort((~row_valid).to(torch.int32), stable=True)
 
 
 def compact_rows(x: Optional[torch.Tensor], idx: torch.Tensor, n: int) -> Optional[torch.Tensor]:

@@ -30,7 +30,7 @@ from tokpo_kernels.kernels.backward_chunks import chunked_backward
 from tokpo_kernels.kernels.chunking import check_environment, chunk_plan
 from tokpo_kernels.kernels.configs import backward_config, forward_config, forward_splits
 from tokpo_kernels.kernels.forward_stats import MAX_PLANES, NUM_PARTIALS, launch_forward_stats, merge_splits
-from tokpo_kernels.kernels.gemm import compact_rows, expand_rows, mm_f32
+from tokpo_kernels.kernels.gemm import compact_rows, expand_rows, mm_f32, valid_rows_first
 from tokpo_kernels.kernels.row_stats import launch_row_stats
 from tokpo_kernels.kernels.target_logits import launch_target_logits
 
@@ -57,7 +57,7 @@ def _launch_guard() -> ContextManager[object]:
 
 def _compaction(row_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(row_index, n_valid)``: valid rows first, and their count as a device scalar."""
-    row_index = torch.argsort((~row_valid).to(torch.int32), stable=True)
+    row_index = valid_rows_first(row_valid)
     n_valid = row_valid.sum(dtype=torch.int32).reshape(1)
     return row_index, n_valid
 
