@@ -7,7 +7,7 @@ the benchmarks and the tests then pick it up from the registry (``docs/extending
 """
 
 # Registration: importing a backend module registers it (import order is the listing order).
-from tokpo_kernels.backends import chunked, naive, triton_kernels  # noqa: F401
+from tokpo_kernels.backends import chunked, cpp, naive, triton_kernels  # noqa: F401
 from tokpo_kernels.backends.base import Backend
 from tokpo_kernels.backends.registry import (
     BackendEntry,

@@ -8,8 +8,9 @@ registering the Triton backend never imports Triton.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple, Union
 
 import torch
 
@@ -41,6 +42,8 @@ class BackendEntry:
             benchmarks run the concrete backends instead of timing or testing the same code twice.
         returns_row_order: its forward returns the row permutation ``RawStats.row_order`` (the
             custom op's fake implementation gives that output its (N,) shape only then).
+        warn_on_fallback: when ``impl="auto"`` would have chosen it but it is unavailable (an
+            optional extension that failed to build), warn once with the reason and the fix.
     """
 
     name: str
@@ -54,10 +57,12 @@ class BackendEntry:
     summary: str = ""
     picks_among: Tuple[str, ...] = ()
     returns_row_order: bool = False
+    warn_on_fallback: bool = False
 
 
 _ENTRIES: Dict[str, BackendEntry] = {}
 _LOADED: Dict[str, Backend] = {}
+_WARNED_FALLBACK: Set[Tuple[str, str]] = set()
 
 
 def register_backend(entry: BackendEntry) -> BackendEntry:
@@ -120,16 +125,33 @@ def resolve_impl(impl: str, device: DeviceLike) -> str:
             return resolve_impl("auto", "cpu")
         return backend_entry(impl).name
     if impl == "auto":
-        candidates = [
-            e for e in _ENTRIES.values() if dev.type in e.auto_devices and e.unavailable(dev) is None
-        ]
+        reasons = {e.name: e.unavailable(dev) for e in _ENTRIES.values() if dev.type in e.auto_devices}
+        candidates = [_ENTRIES[n] for n, reason in reasons.items() if reason is None]
         if not candidates:
             raise ValueError(f"impl='auto': no registered backend runs on device {dev}; registered: {backend_names()}")
-        return max(candidates, key=lambda e: e.auto_priority).name
+        chosen = max(candidates, key=lambda e: e.auto_priority)
+        _warn_fallbacks(chosen, reasons, dev)
+        return chosen.name
     reason = backend_entry(impl).unavailable(dev)
     if reason is not None:
         raise ValueError(f"impl={impl!r}: {reason}")
     return impl
+
+
+def _warn_fallbacks(chosen: BackendEntry, reasons: Dict[str, Optional[str]], dev: torch.device) -> None:
+    """One warning per skipped ``warn_on_fallback`` backend that would have outranked ``chosen``."""
+    for name, reason in reasons.items():
+        entry = _ENTRIES[name]
+        if reason is None or not entry.warn_on_fallback or entry.auto_priority <= chosen.auto_priority:
+            continue
+        if (name, dev.type) in _WARNED_FALLBACK:
+            continue
+        _WARNED_FALLBACK.add((name, dev.type))
+        warnings.warn(
+            f"impl='auto' on {dev.type} uses impl={chosen.name!r}: impl={name!r} is unavailable: {reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def get_backend(name: str) -> Backend:
