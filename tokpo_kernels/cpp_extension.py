@@ -106,7 +106,7 @@ def _compiler_problem() -> Optional[str]:
             "(e.g. `apt install g++`) to build the C++ CPU backend"
         )
     if not is_ninja_available():
-        return "ninja is not installed; `pip install ninja` (a dependency of tokpo_kernels) to build the C++ CPU backend"
+        return "ninja is not installed; `pip install ninja` (a dependency of tokpo_kernels) builds the C++ CPU backend"
     return None
 
 
@@ -119,11 +119,8 @@ def _prebuilt_library() -> Optional[Path]:
 
 
 def _ops_loaded() -> bool:
-    try:
-        torch.ops.tokpo_cpp.build_info
-        return True
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether some library already registered the ``tokpo_cpp`` operators in this process."""
+    return hasattr(torch.ops.tokpo_cpp, "build_info")
 
 
 def _record(result: BuildResult) -> BuildResult:
@@ -160,6 +157,8 @@ def _load(verbose: bool) -> BuildResult:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     name = build_name(src)
+    library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    before = library.stat().st_mtime_ns if library.is_file() else None
     try:
         load(
             name=name,
@@ -175,8 +174,9 @@ def _load(verbose: bool) -> BuildResult:
             reason=f"building the C++ CPU backend failed ({type(e).__name__}: {tail}); run "
             "`python -m tokpo_kernels.build` for the full log"
         )
-    library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    return _record(BuildResult(library=library, how="built just in time"))
+    # torch rebuilds a cached library whose sources or flags changed; an unchanged file was reused.
+    reused = before is not None and library.stat().st_mtime_ns == before
+    return _record(BuildResult(library=library, how="loaded from the cache" if reused else "built just in time"))
 
 
 def load_extension(verbose: bool = False) -> BuildResult:

@@ -68,7 +68,7 @@ def _rows_and_ids(targets: TargetRows) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _is_fp64(head: HeadTensors) -> bool:
-    return head.hidden.dtype == torch.float64 or (head.ref_hidden is not None and head.ref_hidden.dtype == torch.float64)
+    return any(t is not None and t.dtype == torch.float64 for t in (head.hidden, head.ref_hidden))
 
 
 class CppBackend:
