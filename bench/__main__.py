@@ -1,7 +1,9 @@
 """``python -m bench``: run a tier, print a Markdown comparison table, write JSON and a plot.
 
-    python -m bench --quick                     # two small cases on the current device (CPU: ~2-3 min)
-    python -m bench --tier cpu                  # every operation, small shapes, CPU (< 5 min on 2 cores)
+    python -m bench --quick                     # the three acceptance cases on the current device (CPU: a few min)
+    python -m bench --tier cpu                  # every operation, small shapes, fp32 and bf16, CPU (~10 min on 2 cores)
+    python -m bench --tier scale                # linear CE and TDPO at N = 256/2048/16384, fp32 and bf16, CPU
+    python -m bench --tier cpu --dtypes bf16    # only the bf16 cases of a tier
     python -m bench --tier core                 # real heads in bf16 (CUDA only)
     python -m bench --tier core --ops tdpo_loss --heads llama-3-8b --n 16384    # one case of it
     python -m bench --tier sweep --ops vocab_stats_kl --impls torch,triton_chunked
@@ -24,7 +26,7 @@ import torch
 
 from bench import report
 from bench.env import REPO_ROOT, CpuContention, device_name, environment, slug
-from bench.registry import Case, get_operation, operations
+from bench.registry import DTYPES, Case, get_operation, operations
 from bench.runner import run_one
 from bench.tiers import CHECKS, GPU_ONLY, HEADS, TIERS, cases, tier_device, tier_reps
 
@@ -41,9 +43,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="print the cost model's predictions instead of measuring (bench/model.py); every "
                         "other argument is the model's own (e.g. --json PATH)")
     p.add_argument("--quick", action="store_true",
-                   help="two small cases (vocab_stats_kl and tdpo_loss, 4 x 512 tokens, V = 32000) on the "
-                        "current device; same as --tier quick")
-    p.add_argument("--tier", choices=TIERS, default="cpu", help="case list (default: cpu)")
+                   help="the acceptance cases (vocab_stats_kl and tdpo_loss in fp32, tdpo_loss in bf16, 4 x 512 "
+                        "tokens, V = 32000) on the current device; same as --tier quick")
+    p.add_argument("--tier", choices=TIERS, default="cpu",
+                   help="case list (default: cpu): quick (see --quick); cpu (every operation, N = 224, fp32 and "
+                        "bf16); scale (CPU: linear_cross_entropy and tdpo_loss at N = 256, 2048, 16384, D = 256, "
+                        "V = 32000, fp32 and bf16); core, sweep (CUDA: real heads, bf16)")
     p.add_argument("--impls", default=None,
                    help="comma list of implementations/peers to keep, run in the order given, each over all the "
                         "cases before the next (default: every one registered for each operation, case by case; "
@@ -55,12 +60,16 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--heads", default=None,
                    help=f"comma list of lm-heads to keep on the core tier ({', '.join(HEADS)})")
     p.add_argument("--n", default=None, help="comma list of valid-token counts N to keep (e.g. 16384)")
+    p.add_argument("--dtypes", default=None,
+                   help=f"comma list of input dtypes to keep, among {', '.join(DTYPES)} (default: every dtype of "
+                        "the tier)")
     p.add_argument("--device", default=None,
-                   help="cpu, cuda, cuda:1 ... (default: the current device for quick, cpu for cpu, cuda for "
-                        "core/sweep)")
+                   help="cpu, cuda, cuda:1 ... (default: the current device for quick, cpu for cpu and scale, cuda "
+                        "for core/sweep)")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "results"), help="output directory")
     p.add_argument("--reps", type=int, default=None,
-                   help="timed repetitions (default: 20 on CUDA; on CPU 5 for quick, 3 for the cpu tier)")
+                   help="timed repetitions (default: 20 on CUDA; on CPU 5 for quick, 3 for the cpu and scale "
+                        "tiers)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing/memory (default: 1)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process (default: 900)")
     p.add_argument("--budget", type=float, default=None,
@@ -97,15 +106,27 @@ def resolve_heads(names: Sequence[str]) -> List[str]:
     return [by_key[_head_key(n)] for n in names]
 
 
+def resolve_dtypes(names: Sequence[str]) -> List[str]:
+    """``names`` as ``registry.DTYPES`` keys (case aside); ``ValueError`` naming the known dtypes for
+    one that is none of them."""
+    unknown = [n for n in names if n.lower() not in DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; known: {list(DTYPES)}")
+    return [n.lower() for n in names]
+
+
 def select_cases(tier: str, ops: Optional[Sequence[str]], heads: Optional[Sequence[str]],
-                 ns: Optional[Sequence[int]]) -> List[Case]:
+                 ns: Optional[Sequence[int]], dtypes: Optional[Sequence[str]] = None) -> List[Case]:
     """The tier's cases narrowed to ``ops`` (in the order given: a run cut short by ``--budget``
-    has measured the first ones), ``heads`` (``tiers.HEADS`` keys) and valid-token counts ``ns``."""
+    has measured the first ones), ``heads`` (``tiers.HEADS`` keys), valid-token counts ``ns`` and
+    input dtypes ``dtypes`` (``registry.DTYPES`` keys)."""
     todo = cases(tier, ops)
     if heads:
         todo = [c for c in todo if c.shape.label in heads]
     if ns:
         todo = [c for c in todo if c.shape.valid_tokens in ns]
+    if dtypes:
+        todo = [c for c in todo if c.dtype in dtypes]
     if ops:
         todo.sort(key=lambda c: ops.index(c.op))  # stable: the tier's order within an operation
     return todo
@@ -197,13 +218,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         heads = resolve_heads(_split(args.heads)) if args.heads else None
         ns = [int(n) for n in _split(args.n)] if args.n else None
+        dtypes = resolve_dtypes(_split(args.dtypes)) if args.dtypes else None
     except ValueError as exc:
         print(f"{exc}", file=sys.stderr)
         return 2
-    todo = select_cases(args.tier, ops, heads, ns)
+    todo = select_cases(args.tier, ops, heads, ns, dtypes)
     if not todo:
-        print(f"no case of tier {args.tier!r} matches --ops {args.ops} --heads {args.heads} --n {args.n}",
-              file=sys.stderr)
+        print(f"no case of tier {args.tier!r} matches --ops {args.ops} --heads {args.heads} --n {args.n} "
+              f"--dtypes {args.dtypes}", file=sys.stderr)
         return 2
     rows = plan_rows(todo, impls, skip)
     if args.list:
@@ -227,7 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = Path(args.out)
     json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
     replaced = json_path.exists()
-    config = {"tier": args.tier, "impls": impls, "skip_impls": skip, "ops": ops, "heads": heads, "n": ns, "reps": reps,
+    config = {"tier": args.tier, "impls": impls, "skip_impls": skip, "ops": ops, "heads": heads, "n": ns,
+              "dtypes": dtypes, "reps": reps,
               "warmup": args.warmup, "timeout_s": args.timeout, "budget_s": args.budget, "argv": argv}
 
     contention = CpuContention()

@@ -116,8 +116,15 @@ def _cpu_peak(fn: Callable[[], Any]) -> int:
     mmap threshold (up to 32 MiB) after the first large free, so later tiles come from its heap,
     which keeps freed memory resident. The measured run then reuses the warm-up's heap invisibly
     or fragments it: for the torch impl of the acceptance case that read 0 MiB for a forward and
-    197 MiB for forward+backward, against 99 and 132 MiB with the fixed threshold, where every
-    block >= 128 KiB is mmap'ed and returned to the kernel on free, so RSS follows live memory.
+    197 MiB for forward+backward, against 99 and 132 MiB with a fixed threshold of 128 KiB, where
+    every block at or above it is mmap'ed and returned to the kernel on free, so RSS follows live
+    memory. The threshold is now 64 KiB (``runner.CPU_MMAP_THRESHOLD``, issue 12's protocol): half
+    the C++ backend's 128 KiB fp32 tile, so its smaller per-thread buffers are mmap'ed as well.
+
+    Warm-up before the measurement: the builder has already run one forward+backward on a tiny
+    version of the case (``bench/ops/_common.builder``'s probe: libraries loaded, the C++
+    extension built and loaded, thread pools started), then ``measure`` runs ``spec["warmup"]``
+    (``--warmup``, default 1) full-size steps; with ``--warmup 0`` the tiny call is the only one.
     """
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:

@@ -1,4 +1,4 @@
-"""pytest-benchmark front end: ``pytest bench/ --tier cpu`` (or quick, core, sweep).
+"""pytest-benchmark front end: ``pytest bench/ --tier cpu`` (or quick, scale, core, sweep).
 
 Not collected by a plain ``pytest`` from the repository root (pyproject's ``testpaths`` is
 ``tests``); name ``bench/`` explicitly. One ``test_bench_<op>.py`` per operation measures time

@@ -143,9 +143,15 @@ def console_report(title: str, measurements: Sequence[Dict[str, Any]], *, checks
     return "\n".join(lines)
 
 
+def _verdict(ok: Optional[bool], bound: Optional[float], fmt: str) -> str:
+    return "not checked" if ok is None else f"needs <= {bound:{fmt}}x: {'PASS' if ok else 'FAIL'}"
+
+
 def acceptance(measurements: Sequence[Dict[str, Any]], checks: Sequence[Any]) -> List[Dict[str, Any]]:
     """Evaluate acceptance checks (``bench.tiers.Check``) on the measured rows: forward+backward
-    peak-memory and median-time ratios of ``impl`` to ``against`` on the check's case."""
+    peak-memory and median-time ratios of ``impl`` to ``against`` on the check's case. A bound of
+    None is not checked: its ratio is still reported, marked "not checked", and does not decide
+    ``passed``."""
     out: List[Dict[str, Any]] = []
     for c in checks:
         rows = {m["impl"]: m for m in measurements if m["case"] == c.case.key}
@@ -159,15 +165,15 @@ def acceptance(measurements: Sequence[Dict[str, Any]], checks: Sequence[Any]) ->
             continue
         mem = a["memory"]["fwd_bwd_peak_mib"] / max(b["memory"]["fwd_bwd_peak_mib"], 1e-9)
         tim = a["time"]["fwd_bwd_ms"]["median"] / b["time"]["fwd_bwd_ms"]["median"]
-        ok_mem, ok_time = mem <= c.max_memory_ratio, tim <= c.max_time_ratio
-        res.update(memory_ratio=mem, time_ratio=tim, passed=ok_mem and ok_time)
+        ok_mem = None if c.max_memory_ratio is None else mem <= c.max_memory_ratio
+        ok_time = None if c.max_time_ratio is None else tim <= c.max_time_ratio
+        res.update(memory_ratio=mem, time_ratio=tim, passed=all(ok is not False for ok in (ok_mem, ok_time)))
         res["text"] = (
             f"{head}: {c.impl} vs {c.against}, forward+backward: peak extra memory "
             f"{a['memory']['fwd_bwd_peak_mib']:.1f} vs {b['memory']['fwd_bwd_peak_mib']:.1f} MiB = {mem:.3f}x "
-            f"({1 / mem if mem > 0 else float('inf'):.1f}x less; needs <= {c.max_memory_ratio:.3f}x: "
-            f"{'PASS' if ok_mem else 'FAIL'}), median time {a['time']['fwd_bwd_ms']['median']:.0f} vs "
-            f"{b['time']['fwd_bwd_ms']['median']:.0f} ms = {tim:.2f}x (needs <= {c.max_time_ratio}x: "
-            f"{'PASS' if ok_time else 'FAIL'})")
+            f"({1 / mem if mem > 0 else float('inf'):.1f}x less; {_verdict(ok_mem, c.max_memory_ratio, '.3f')}), "
+            f"median time {a['time']['fwd_bwd_ms']['median']:.0f} vs "
+            f"{b['time']['fwd_bwd_ms']['median']:.0f} ms = {tim:.2f}x ({_verdict(ok_time, c.max_time_ratio, '')})")
         out.append(res)
     return out
 

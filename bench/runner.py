@@ -22,6 +22,7 @@ from bench.env import REPO_ROOT
 from bench.registry import Case, get_operation
 
 MIB = float(1 << 20)
+CPU_MMAP_THRESHOLD = 64 * 1024  # bytes: glibc's MALLOC_MMAP_THRESHOLD_ in CPU memory workers (see spawn_worker)
 
 
 def quantiles(samples) -> Optional[Dict[str, Any]]:
@@ -37,11 +38,15 @@ def spawn_worker(spec: Dict[str, Any], timeout: float, env_extra: Optional[Dict[
     env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     if spec["mode"] == "memory" and spec["device"].startswith("cpu"):
-        # A fixed threshold disables glibc's dynamic one: every block >= 128 KiB is mmap'ed and
-        # unmapped on free, so RSS follows live tensors (why: _worker._cpu_peak). Only the memory
-        # run gets it (an env var, read once at process start: one more reason for a subprocess):
-        # the timed run must see the allocator users have, without an mmap/munmap per tile.
-        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+        # A fixed threshold disables glibc's dynamic one: every block >= 64 KiB is mmap'ed and
+        # unmapped on free, so RSS follows live tensors (why: _worker._cpu_peak). 64 KiB is the value
+        # of issue 12's protocol, half the C++ backend's fp32 tile (64 x 512 x 4 B = 128 KiB,
+        # tokpo_kernels/backends/cpp.py): buffers from half a tile up (a bf16 tile, a smaller
+        # $TOKPO_CPP_BLOCK) are then mmap'ed too, not taken from a heap an earlier call grew and
+        # left resident, where their reuse would not show. Only the memory run gets it (an env var,
+        # read once at process start: one more reason for a subprocess): the timed run must see
+        # the allocator users have, without an mmap/munmap per tile.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(CPU_MMAP_THRESHOLD)
     with tempfile.TemporaryDirectory(prefix="tokpo-bench-") as tmp:
         spec_path, result_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "result.json")
         with open(spec_path, "w") as f:

@@ -20,10 +20,22 @@ import pytest
 import torch
 
 import bench.__main__ as cli
-from bench import gemm_rate, report
+from bench import gemm_rate, report, runner
 from bench.ops import _common
 from bench.registry import Case, get_operation, operations
-from bench.tiers import CHECKS, HEADS, cases
+from bench.tiers import (
+    ACCEPTANCE,
+    CHECKS,
+    HEADS,
+    OPS,
+    PREFERENCE_OPS,
+    TDPO_ACCEPTANCE,
+    TDPO_ACCEPTANCE_BF16,
+    Check,
+    cases,
+    tier_device,
+    tier_reps,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SESSION = REPO / "tools" / "gpu_session.sh"
@@ -45,11 +57,15 @@ def _row(case: Case, impl: str, ms: float = 10.0, mib: float = 100.0, *, status:
     }
 
 
+# Per impl (ms, MiB) that pass every check of CHECKS: cpp < torch < the materialising baselines.
+_PASSING = {"cpp": (1.0, 1.0), "torch": (10.0, 10.0), "naive": (100.0, 400.0), "tdpo_reference_code": (100.0, 400.0)}
+
+
 def _quick_rows():
-    rows = []
-    for check in CHECKS:
-        rows += [_row(check.case, check.impl, ms=10.0, mib=10.0), _row(check.case, check.against, ms=20.0, mib=400.0)]
-    return rows
+    """One row per (case, impl) that CHECKS compares (an impl can be one check's subject and
+    another's reference on the same case, as torch is on the TDPO case)."""
+    pairs = dict.fromkeys((c.case, n) for c in CHECKS for n in (c.impl, c.against))
+    return [_row(case, n, *_PASSING[n]) for case, n in pairs]
 
 
 # ---- --model ---------------------------------------------------------------------------------------
@@ -126,6 +142,128 @@ def test_plan_rows_runs_listed_impls_one_after_the_other_over_every_case() -> No
                                           ("dpo_loss", "liger_dpo")]
     by_case = cli.plan_rows(todo, None)
     assert [n for c, n in by_case if c.op == "dpo_loss"] == list(get_operation("dpo_loss").impls)
+
+
+# ---- issue 12: bf16 cases, the scale tier, --dtypes, checks with one bound ---------------------------
+
+
+def test_quick_tier_is_the_two_fp32_acceptance_cases_and_tdpo_in_bf16() -> None:
+    assert cases("quick") == [ACCEPTANCE, TDPO_ACCEPTANCE, TDPO_ACCEPTANCE_BF16]
+    assert TDPO_ACCEPTANCE_BF16.dtype == "bf16" and TDPO_ACCEPTANCE_BF16.op == "tdpo_loss"
+    shape = TDPO_ACCEPTANCE_BF16.shape
+    assert (shape.rows, shape.seq, shape.ignored_prefix, shape.dim, shape.vocab) == (4, 512, 64, 256, 32000)
+    assert {c.case for c in CHECKS} <= set(cases("quick"))  # every check is on a case the quick tier runs
+
+
+def test_cpu_tier_runs_every_operation_in_fp32_and_bf16_on_the_same_shapes() -> None:
+    got = cases("cpu")
+    for op in OPS:
+        by_dtype = {c.dtype: c.shape for c in got if c.op == op}
+        assert set(by_dtype) == {"fp32", "bf16"}, op
+        assert by_dtype["fp32"] == by_dtype["bf16"], op
+    assert len(got) == 2 * len(OPS)
+
+
+def test_scale_tier_is_lce_and_tdpo_at_three_n_in_fp32_and_bf16_on_cpu() -> None:
+    got = cases("scale")
+    assert {(c.op, c.dtype, c.shape.valid_tokens) for c in got} == {
+        (op, dt, n) for op in ("linear_cross_entropy", "tdpo_loss") for dt in ("fp32", "bf16")
+        for n in (256, 2048, 16384)}
+    assert len(got) == 12
+    for c in got:
+        s = c.shape
+        assert (s.dim, s.vocab, s.ignored_prefix) == (256, 32000, 0)
+        assert s.rows * s.seq == s.valid_tokens and s.seq == min(512, s.valid_tokens // 2)
+        assert c.op not in PREFERENCE_OPS or s.rows % 2 == 0
+    assert tier_device("scale") == "cpu" and tier_reps("scale", "cpu") == 3
+    assert "scale" in cli.parse_args(["--tier", "scale"]).tier
+
+
+def test_n_and_dtypes_narrow_the_scale_tier() -> None:
+    todo = cli.select_cases("scale", ["tdpo_loss", "linear_cross_entropy"], None, [2048], ["bf16"])
+    assert [(c.op, c.dtype, c.shape.valid_tokens) for c in todo] == [("tdpo_loss", "bf16", 2048),
+                                                                    ("linear_cross_entropy", "bf16", 2048)]
+    assert {c.dtype for c in cli.select_cases("cpu", None, None, None, ["fp32"])} == {"fp32"}
+
+
+def test_dtypes_are_checked_against_the_registry() -> None:
+    assert cli.resolve_dtypes(["BF16", "fp32"]) == ["bf16", "fp32"]
+    with pytest.raises(ValueError, match=r"unknown dtype\(s\) \['fp8'\]; known: \['fp32', 'bf16'"):
+        cli.resolve_dtypes(["bf16", "fp8"])
+
+
+def test_unknown_dtype_is_refused_before_listing(capsys) -> None:
+    assert cli.main(["--tier", "scale", "--dtypes", "bf16,fp8", "--list"]) == 2
+    assert "unknown dtype(s) ['fp8']" in capsys.readouterr().err
+
+
+def test_dtype_the_tier_lacks_matches_no_case(capsys) -> None:
+    assert cli.main(["--tier", "scale", "--dtypes", "fp16", "--list"]) == 2
+    assert "--dtypes fp16" in capsys.readouterr().err
+
+
+def test_list_of_the_scale_tier_narrowed_by_n_and_dtype(capsys) -> None:
+    assert cli.main(["--tier", "scale", "--n", "256", "--dtypes", "bf16", "--impls", "naive,cpp", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [tuple(ln.split("\t")[:4]) for ln in lines] == [
+        (op, impl, "2x128 tok (N=256 valid), D=256, V=32000", "bf16")
+        for impl in ("naive", "cpp") for op in ("linear_cross_entropy", "tdpo_loss")]
+
+
+def test_issue_12_checks_are_the_issues_bounds() -> None:
+    got = {(c.case, c.impl, c.against, c.max_memory_ratio, c.max_time_ratio) for c in CHECKS if c.source == "issue 12"}
+    assert got == {(TDPO_ACCEPTANCE, "cpp", "torch", None, 1.0), (TDPO_ACCEPTANCE, "cpp", "naive", 1 / 25, None),
+                   (TDPO_ACCEPTANCE_BF16, "cpp", "torch", None, 1 / 2.5),
+                   (TDPO_ACCEPTANCE_BF16, "cpp", "naive", None, 1 / 2)}
+
+
+def test_a_check_needs_at_least_one_bound() -> None:
+    with pytest.raises(ValueError, match="neither"):
+        Check("x", TDPO_ACCEPTANCE, "cpp", "torch", None, None)
+
+
+@pytest.mark.parametrize("cpp_ms, cpp_mib, passed", [(5.0, 300.0, True), (30.0, 1.0, False)])
+def test_a_check_with_one_bound_decides_on_it_alone(cpp_ms: float, cpp_mib: float, passed: bool) -> None:
+    # Only time is bounded: 30 times torch's memory passes, 1.5x its time fails whatever the memory.
+    check = Check("issue 12", TDPO_ACCEPTANCE_BF16, "cpp", "torch", None, 1 / 2.5)
+    rows = [_row(TDPO_ACCEPTANCE_BF16, "cpp", cpp_ms, cpp_mib), _row(TDPO_ACCEPTANCE_BF16, "torch", 20.0, 10.0)]
+    (res,) = report.acceptance(rows, [check])
+    assert res["passed"] is passed
+    assert res["max_memory_ratio"] is None and res["memory_ratio"] == pytest.approx(cpp_mib / 10.0)
+    assert "peak extra memory" in res["text"] and "not checked" in res["text"]
+    assert f"needs <= 0.4x: {'PASS' if passed else 'FAIL'}" in res["text"]
+    assert "memory" in res["text"].split("not checked")[0]  # the unbounded ratio is the memory one
+
+
+def test_checks_with_both_bounds_still_report_both() -> None:
+    (res,) = report.acceptance(_quick_rows(), [CHECKS[0]])
+    assert res["passed"] is True and "not checked" not in res["text"]
+    assert "needs <= 0.125x: PASS" in res["text"] and "needs <= 1.5x: PASS" in res["text"]
+
+
+def test_every_check_passes_on_passing_rows_and_an_unmeasured_one_is_undecided() -> None:
+    rows = _quick_rows()
+    assert all(c["passed"] is True for c in report.acceptance(rows, CHECKS))
+    no_cpp = [r for r in rows if r["impl"] != "cpp"]
+    for c in report.acceptance(no_cpp, CHECKS):
+        assert c["passed"] is (None if c["impl"] == "cpp" else True), c["text"]
+
+
+@pytest.mark.parametrize("mode, device, threshold", [("memory", "cpu", "65536"), ("time", "cpu", None),
+                                                     ("both", "cuda", None)])
+def test_only_cpu_memory_workers_get_a_64_kib_mmap_threshold(monkeypatch: pytest.MonkeyPatch, mode: str,
+                                                             device: str, threshold) -> None:
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    seen = {}
+
+    def fake_run(cmd, *, env, timeout, **kw):
+        seen.update(env)
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    res = runner.spawn_worker({"mode": mode, "device": device}, timeout=1.0)
+    assert res["status"] == "unavailable" and "timed out" in res["reason"]
+    assert seen.get("MALLOC_MMAP_THRESHOLD_") == threshold
 
 
 # ---- item 2: this library's rows are its concrete backends -----------------------------------------
