@@ -70,7 +70,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"| {impl} | {float(loss):.10f} | {err:.3e} | {seconds:.2f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"case": TDPO_ACCEPTANCE.key(),
+            json.dump({"case": TDPO_ACCEPTANCE.key,
                        "dtype": args.dtype, "float64_loss": exact, "impls": rows,
                        "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
         print(f"wrote {args.json}")
