@@ -25,6 +25,7 @@ import tokpo_kernels as tk
 from oracle import stats as O
 from oracle.compare import assert_close, atol_scaled
 from oracle.stats import Case, assert_stats_match
+from tokpo_kernels.backends import unavailable_reason
 
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -327,7 +328,10 @@ def test_low_precision_three_way(case: Case, dtype: torch.dtype, impl: str, devi
 # --------------------------------------------------------------------------------------------
 
 
-def test_auto_picks_torch_on_cpu(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_picks_the_cpu_default(gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``"auto"`` on CPU runs the C++ backend when it is built here, else the chunked PyTorch one,
+    and gives exactly what that backend gives when named."""
+    expected = "cpp" if unavailable_reason("cpp", "cpu") is None else "torch"
     case = Case(token_shape=(2, 5), V=37, D=16, J=2, bias=True, **FULL)
     stored, prep, cot = build(case, gen)
     opts = case.opts()
@@ -342,15 +346,15 @@ def test_auto_picks_torch_on_cpu(gen: torch.Generator, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(vs, "_backend", spy)
     auto = run_impl(stored, cot, prep, "auto", "cpu", torch.float32, opts)
-    assert seen and set(seen) == {"torch"}, f"impl='auto' on CPU: expected the torch backend, got {seen}"
-    torch_res = run_impl(stored, cot, prep, "torch", "cpu", torch.float32, opts)
+    assert seen and set(seen) == {expected}, f"impl='auto' on CPU: expected the {expected} backend, got {seen}"
+    named_res = run_impl(stored, cot, prep, expected, "cpu", torch.float32, opts)
     for name, v in auto.values.items():
-        assert (v is None) == (torch_res.values[name] is None)
+        assert (v is None) == (named_res.values[name] is None)
         if v is not None:
-            assert torch.equal(v, torch_res.values[name]), f"{name}: auto differs from torch"
+            assert torch.equal(v, named_res.values[name]), f"{name}: auto differs from {expected}"
     for name, g in auto.grads.items():
         if g is not None:
-            assert torch.equal(g, torch_res.grads[name]), f"grad {name}: auto differs from torch"
+            assert torch.equal(g, named_res.grads[name]), f"grad {name}: auto differs from {expected}"
 
 
 def test_reference_receives_no_gradient(impl: str, device: str, gen: torch.Generator) -> None:
