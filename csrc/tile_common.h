@@ -140,4 +140,27 @@ inline void transformed_tile(const Head& head, const void* hT, int64_t v0, int64
   }
 }
 
+// The two passes (forward.cpp, backward.cpp), declared once for their definitions and ops.cpp.
+std::vector<at::Tensor> forward_stats(const at::Tensor& hidden, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ref_hidden,
+                                      const std::optional<at::Tensor>& ref_weight,
+                                      const std::optional<at::Tensor>& ref_bias, const at::Tensor& rows,
+                                      const at::Tensor& ids, double temperature, std::optional<double> softcap,
+                                      bool kl, bool entropy, bool max_logit, bool logit_sum, int64_t block_rows,
+                                      int64_t block_cols);
+
+std::vector<at::Tensor> backward_grads(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias,
+                                       const std::optional<at::Tensor>& ref_hidden,
+                                       const std::optional<at::Tensor>& ref_weight,
+                                       const std::optional<at::Tensor>& ref_bias, const at::Tensor& rows,
+                                       const at::Tensor& ids, const at::Tensor& lse,
+                                       const std::optional<at::Tensor>& ref_lse,
+                                       const std::optional<at::Tensor>& entropy, const at::Tensor& g_lse,
+                                       const at::Tensor& g_tgt, const std::optional<at::Tensor>& g_kl,
+                                       const std::optional<at::Tensor>& g_entropy,
+                                       const std::optional<at::Tensor>& g_logit_sum, double temperature,
+                                       std::optional<double> softcap, bool need_dh, bool need_dw, bool need_db,
+                                       int64_t block_rows, int64_t block_cols, int64_t partial_bytes);
+
 }  // namespace tokpo_cpp
