@@ -2,7 +2,7 @@
 
 The lists were copied from the code before the shared options were declared once
 (``tokpo_kernels/losses/_options.py``); keywords may only be added at the end (the KL-coefficient
-aliases ``kl_beta`` / ``beta``), never renamed, reordered or given other defaults. A loss added
+aliases ``kl_beta`` / ``beta``, TDPO's and TI-DPO's ``token_stats``), never renamed, reordered or given other defaults. A loss added
 later pins its own signature in its own test file with ``described`` (``test_loss_simpo.py``); the
 module-class and docstring checks below run over every registered loss.
 """
@@ -26,11 +26,12 @@ PAIR = [("hidden", P, REQUIRED), ("weight", P, REQUIRED), ("targets", P, REQUIRE
 
 PINNED = {
     "tdpo_loss": PAIR + [("ref_hidden", P, REQUIRED), ("ref_weight", P, REQUIRED), ("beta", K, 0.1),
-                         ("alpha", K, 0.5), ("variant", K, "tdpo2")] + SHARED,
+                         ("alpha", K, 0.5), ("variant", K, "tdpo2")] + SHARED + [("token_stats", K, False)],
     "tidpo_loss": PAIR + [("ref_hidden", P, REQUIRED), ("ref_weight", P, REQUIRED), ("token_weights", K, None),
                           ("anchor_hidden", K, None), ("anchor_ref_hidden", K, None), ("anchor_targets", K, None),
                           ("beta", K, 0.1), ("alpha", K, 0.5), ("gamma", K, 0.1), ("margin", K, 0.01),
-                          ("preference", K, "tdpo2"), ("kl_coef", K, 0.0)] + SHARED,
+                          ("preference", K, "tdpo2"), ("kl_coef", K, 0.0)] + SHARED
+                          + [("token_stats", K, False)],
     "dpo_loss": PAIR + [("ref_hidden", P, None), ("ref_weight", P, None), ("beta", K, 0.1),
                         ("loss_type", K, "sigmoid"), ("label_smoothing", K, 0.0), ("ref_logp", K, None),
                         ("average_log_prob", K, None), ("reference_free", K, False)] + SHARED,

@@ -49,10 +49,17 @@ class VocabStats:
 
 @dataclass
 class LossOutput:
-    """A loss and its detached metrics (named as in ``docs/methods.md``)."""
+    """A loss, its detached metrics (named as in ``docs/methods.md``) and, on request, its statistics.
+
+    ``stats`` is the :class:`VocabStats` of the loss's own statistics pass over its main batch
+    (with ``entropy``, ``max_logit`` and ``mean_logit`` filled in) when the loss was called with
+    ``token_stats=True`` (TDPO, TI-DPO), else ``None``: per-token values for metrics such as TRL's
+    ``entropy`` / ``logits/*`` / ``mean_token_accuracy`` without a second pass over the vocabulary.
+    """
 
     loss: torch.Tensor
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: Optional[VocabStats] = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,12 +53,15 @@ class HeadOptions(NamedTuple):
         self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         ref_hidden: Optional[torch.Tensor] = None, ref_weight: Optional[torch.Tensor] = None,
         *, ref_bias: Optional[torch.Tensor] = None, kl: bool = False, entropy: bool = False,
+        token_stats: bool = False,
     ) -> VocabStats:
         """``linear_vocab_stats`` of the given tensors with these options (an explicit ``ref_bias``
-        replaces ``self.ref_bias``: e.g. a distillation teacher's own bias)."""
+        replaces ``self.ref_bias``: e.g. a distillation teacher's own bias). ``token_stats`` also asks
+        for the entropy, the max logit and the mean logit in the same pass (a loss's ``token_stats=``)."""
         return linear_vocab_stats(
             hidden, weight, targets, bias=self.bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
-            ref_bias=self.ref_bias if ref_bias is None else ref_bias, kl=kl, entropy=entropy,
+            ref_bias=self.ref_bias if ref_bias is None else ref_bias, kl=kl, entropy=entropy or token_stats,
+            max_logit=token_stats, mean_logit=token_stats,
             ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap, impl=self.impl,
             filter_eps=self.filter_eps, process_group=self.process_group, validate=self.validate,
             chunk_budget=self.chunk_budget,

@@ -64,6 +64,7 @@ def tdpo_loss(
     *,
     beta: float = 0.1, alpha: float = 0.5, variant: str = "tdpo2",
     head: HeadOptions,
+    token_stats: bool = False,  # after the shared options: keywords are only ever appended
 ) -> LossOutput:
     """TDPO1 / TDPO2 loss from the lm-head inputs, without materialising logits.
 
@@ -91,6 +92,8 @@ def tdpo_loss(
         beta: inverse temperature of the preference (> 0).
         alpha: weight of the KL margin in TDPO2 (>= 0; unused by TDPO1).
         variant: ``"tdpo1"`` or ``"tdpo2"``.
+        token_stats: also return the statistics pass as ``LossOutput.stats`` with the policy's
+            per-token entropy, max logit and mean logit (computed in the same pass; for logging).
 
     Returns:
         ``LossOutput(loss, metrics)``; ``loss`` a 0-d fp32 tensor. Metrics are per-pair ``(B,)``
@@ -107,11 +110,11 @@ def tdpo_loss(
     check_choice("variant", variant, TDPO_VARIANTS)
     check_reference_pair(ref_hidden, ref_weight, required_by="tdpo_loss")
 
-    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, kl=True)
+    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, kl=True, token_stats=bool(token_stats))
     s = pair_sums(stats, stats.logp - stats.ref_logp)
     if variant == "tdpo1":
         delta = (s.margin_c - s.margin_r) - (s.kl_r - s.kl_c)
     else:
         delta = (s.margin_c - s.margin_r) - alpha * (s.kl_r - s.kl_c.detach())
     loss = -F.logsigmoid(beta * delta).mean()
-    return LossOutput(loss, tdpo_metrics(beta, s))
+    return LossOutput(loss, tdpo_metrics(beta, s), stats=stats if token_stats else None)

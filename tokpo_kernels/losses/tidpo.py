@@ -52,6 +52,7 @@ def tidpo_loss(
     beta: float = 0.1, alpha: float = 0.5, gamma: float = 0.1, margin: float = 0.01,
     preference: str = "tdpo2", kl_coef: float = 0.0,
     head: HeadOptions,
+    token_stats: bool = False,  # after the shared options: keywords are only ever appended
 ) -> LossOutput:
     """TI-DPO loss: importance-weighted preference term + γ · triplet term (+ optional KL penalty).
 
@@ -90,6 +91,8 @@ def tidpo_loss(
         beta (> 0), alpha (>= 0), gamma (>= 0), margin: see the equations.
         preference: ``"tdpo2"`` or ``"dpo"``.
         kl_coef: weight (>= 0) of the optional mean sequence-KL penalty.
+        token_stats: also return the statistics pass over chosen and rejected (not the anchor) as
+            ``LossOutput.stats``, with the policy's per-token entropy, max and mean logit (for logging).
 
     Returns:
         ``LossOutput(loss, metrics)``. Per-pair ``(B,)`` metrics as ``tdpo_loss`` with the weighted
@@ -129,7 +132,7 @@ def tidpo_loss(
                     f"got {tuple(a.shape)}"
                 )
 
-    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, kl=True)
+    stats = head.stats(hidden, weight, targets, ref_hidden, ref_weight, kl=True, token_stats=bool(token_stats))
     mask = stats.mask
     ratio = stats.logp - stats.ref_logp  # d_t, 0 off the mask
     if token_weights is None:
@@ -161,4 +164,4 @@ def tidpo_loss(
     # preference forms; the KL is still measured (and reported) when the loss does not use it.
     metrics = tdpo_metrics(beta, s)
     metrics["triplet_loss"] = triplet.detach()
-    return LossOutput(loss, metrics)
+    return LossOutput(loss, metrics, stats=stats if token_stats else None)
