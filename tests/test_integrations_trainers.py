@@ -28,12 +28,15 @@ from tokpo_kernels.integrations.anchors import (  # noqa: E402
 from tokpo_kernels.integrations.attribution import importance_scores, importance_token_weights  # noqa: E402
 from tokpo_kernels.integrations.trainers import TDPOTrainer, TIDPOTrainer  # noqa: E402
 
+# These tests pass the method options as trainer keywords, the deprecated spelling that must keep working
+# (tests/test_trainer_configs_and_metrics.py checks its FutureWarning and covers the config classes).
+pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated. set these fields:FutureWarning")
+
 WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def make_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
@@ -42,8 +45,7 @@ def tokenizer():
                                                 unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def dataset():
+def make_dataset():
     from datasets import Dataset
 
     rows = [
@@ -53,6 +55,16 @@ def dataset():
         {"prompt": "w21 w22 w23 w24", "chosen": " w25", "rejected": " w26"},
     ]
     return Dataset.from_list(rows * 2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_dataset()
 
 
 def tiny_llama(seed: int = 0):

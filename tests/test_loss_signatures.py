@@ -2,7 +2,8 @@
 
 The lists were copied from the code before the shared options were declared once
 (``tokpo_kernels/losses/_options.py``); keywords may only be added at the end (the KL-coefficient
-aliases ``kl_beta`` / ``beta``, TDPO's and TI-DPO's ``token_stats``), never renamed, reordered or given other defaults. A loss added
+aliases ``kl_beta`` / ``beta``, TDPO's and TI-DPO's ``token_stats``), never renamed, reordered or given other
+defaults. A loss added
 later pins its own signature in its own test file with ``described`` (``test_loss_simpo.py``); the
 module-class and docstring checks below run over every registered loss.
 """
