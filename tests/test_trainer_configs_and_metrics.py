@@ -283,3 +283,17 @@ def test_precompute_with_sampled_anchors_is_refused(tmp_path, tokenizer, dataset
                     tidpo_anchor_max_new_tokens=2)
     with pytest.raises(ValueError, match="anchors are sampled during training"):
         trainer.compute_loss(trainer.model, first_batch(trainer))
+
+
+# ----------------------------------------------------------------------------- model card
+
+
+@pytest.mark.parametrize("trainer_cls, cls, paper", [(TDPOTrainer, TDPOConfig, "2404.11999"),
+                                                     (TIDPOTrainer, TIDPOConfig, "2505.19653")])
+def test_model_card_cites_the_methods_own_paper(tmp_path, tokenizer, dataset, trainer_cls, cls, paper) -> None:
+    trainer = trainer_cls(tiny_llama(0), args=make_config(cls, tmp_path), train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "a method introduced in [" in card and f"papers/{paper})" in card
+    assert "2305.18290" not in card  # the DPO paper is not presented as the method's origin

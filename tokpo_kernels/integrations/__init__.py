@@ -11,6 +11,9 @@ Submodules:
     attribution  TI-DPO token-importance scores (gradient of the max last logit w.r.t. embeddings)
     anchors      TI-DPO anchor responses sampled from the policy
     trainers     ``TDPOTrainer`` / ``TIDPOTrainer`` on TRL's ``DPOTrainer`` (needs trl)
+    dpo_configs  ``TDPOConfig`` / ``TIDPOConfig``, their ``DPOConfig`` subclasses (needs trl)
+    ref_hidden_cache  the reference's hidden states on disk (``precompute_ref_hidden_states``)
+    trl_metrics  DPOTrainer's token metrics from the loss's statistics pass
     tlpo_*       the TLPO data pipeline and trainer
 """
 
@@ -33,6 +36,8 @@ _EXPORTS = {
     "generate_anchors": "anchors",
     "TDPOTrainer": "trainers",
     "TIDPOTrainer": "trainers",
+    "TDPOConfig": "dpo_configs",
+    "TIDPOConfig": "dpo_configs",
     "LanguageChecker": "tlpo_language",
     "first_confusion": "tlpo_language",
     "char_script": "tlpo_language",
@@ -54,7 +59,7 @@ _EXPORTS = {
     "frozen_reference": "tlpo_trainer",
 }
 
-# ``import *`` stays importable without trl: the trainers are attributes, not in __all__.
+# ``import *`` stays importable without trl: the trainers and their configs are attributes, not in __all__.
 __all__ = [
     "AnchorBatch",
     "LMHead",

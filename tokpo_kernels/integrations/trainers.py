@@ -57,6 +57,7 @@ import copy
 import dataclasses
 import gc
 import os
+import textwrap
 import warnings
 from typing import Any, Dict, Optional
 
@@ -399,6 +400,21 @@ class TDPOTrainer(_TokenLevelDPOTrainer):
 
     _config_class = TDPOConfig
     _config_suffix = "TDPO"
+    # The model card (TRL's create_model_card) names the method and cites its paper from these two.
+    _tag_names = ["trl", "tdpo", "tokpo_kernels"]
+    _name = "TDPO"
+    _paper = {
+        "title": "Token-level Direct Preference Optimization",
+        "id": "2404.11999",
+        "citation": textwrap.dedent("""\
+            @inproceedings{zeng2024tdpo,
+                title     = {{Token-level Direct Preference Optimization}},
+                author    = {Yongcheng Zeng and Guoqing Liu and Weiyu Ma and Ning Yang and Haifeng Zhang and Jun Wang},
+                booktitle = {Proceedings of the 41st International Conference on Machine Learning (ICML 2024)},
+                year      = 2024,
+                url       = {https://arxiv.org/abs/2404.11999},
+            }"""),
+    }
 
     def __init__(
         self, model: Any, ref_model: Optional[nn.Module] = None, args: Optional[DPOConfig] = None, *,
@@ -458,6 +474,20 @@ class TIDPOTrainer(_TokenLevelDPOTrainer):
 
     _config_class = TIDPOConfig
     _config_suffix = "TIDPO"
+    _tag_names = ["trl", "ti-dpo", "tokpo_kernels"]
+    _name = "TI-DPO"
+    _paper = {
+        "title": "Token-Importance Guided Direct Preference Optimization",
+        "id": "2505.19653",
+        "citation": textwrap.dedent("""\
+            @inproceedings{yang2026tidpo,
+                title     = {{Token-Importance Guided Direct Preference Optimization}},
+                author    = {Ning Yang and Hai Lin and Yibo Liu and Baoliang Tian and Guoqing Liu and Haijun Zhang},
+                booktitle = {The Fourteenth International Conference on Learning Representations (ICLR 2026)},
+                year      = 2026,
+                url       = {https://arxiv.org/abs/2505.19653},
+            }"""),
+    }
 
     def __init__(
         self, model: Any, ref_model: Optional[nn.Module] = None, args: Optional[DPOConfig] = None, *,
