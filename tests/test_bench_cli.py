@@ -421,3 +421,21 @@ def test_gpu_session_dry_run_measures_its_cpu_side_costs() -> None:
     assert re.search(r"one bench worker process, tiny CPU case\s+\d+\.\d s", text)
     assert re.search(r"pytest collection of the test subset\s+\d+\.\d s\s+\((\d+) tests\)", text)
     assert "past --budget" in text or "predicted:" in text
+
+
+def test_trainer_memory_runs_both_settings_and_writes_its_json(tmp_path: Path) -> None:
+    """``python -m bench.trainer_memory`` end to end on a toy model (the figure itself is a benchmark result,
+    committed under bench/results/, not a test): both worker processes run and train the same losses."""
+    pytest.importorskip("trl", reason="the trainer benchmark needs trl")
+    out = tmp_path / "tm.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.trainer_memory", "--hidden", "32", "--layers", "1", "--vocab", "64", "--steps",
+         "2", "--prompt-len", "4", "--completion-len", "4", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert len(runs["live"]["step_peak_bytes"]) == len(runs["cached"]["step_peak_bytes"]) == 2
+    assert runs["live"]["loss"] == pytest.approx(runs["cached"]["loss"], rel=1e-5)
+    assert result["summary"]["ref_param_mib"] > 0 and "--json" not in result["command"]
