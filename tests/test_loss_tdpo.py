@@ -147,3 +147,46 @@ def test_tdpo_rejects_bad_shapes_and_missing_reference():
         tdpo_loss(h, w, y.float(), rh, rw)
     with pytest.raises(ValueError, match="ref_hidden.*ref_weight"):
         tdpo_loss(h, w, y, None, rw)
+
+
+@pytest.mark.impls("cpu")
+def test_tdpo_token_stats_are_the_policy_statistics_and_leave_the_loss_alone(impl):
+    """``token_stats=True`` (what the trainers log DPOTrainer's token metrics from): the same loss, plus the
+    policy's entropy, mean logit and argmax flags of the same pass, against float64 full logits."""
+    from oracle.logits import log_softmax64, logits64
+    from tokpo_kernels.integrations.trl_metrics import dpo_token_metric_sums
+
+    batch = make_batch(3, 9, 16, 41, seed=21, bias=True)
+    z = logits64(batch["hidden"], batch["weight"], batch["bias"], temperature=0.8, softcap=4.0)
+    # Every other response label becomes the policy's argmax (logits do not depend on labels), so that
+    # the token accuracy is strictly between 0 and 1 and tells a wrong argmax test apart.
+    mask = batch["targets"] != -100
+    every_other = mask & (torch.arange(mask.shape[1]) % 2 == 0)
+    batch["targets"] = torch.where(every_other, z.argmax(-1), batch["targets"])
+    kw = dict(bias=batch["bias"], ref_bias=batch["ref_bias"], beta=0.4, softcap=4.0, temperature=0.8, impl=impl)
+    args = (batch["hidden"], batch["weight"], batch["targets"], batch["ref_hidden"], batch["ref_weight"])
+    plain = tdpo_loss(*args, **kw)
+    out = tdpo_loss(*args, token_stats=True, **kw)
+    assert plain.stats is None and out.stats is not None
+    torch.testing.assert_close(out.loss, plain.loss, rtol=0, atol=0)
+
+    logp = log_softmax64(z)
+    entropy = -(logp.exp() * logp).sum(-1) * mask
+    mean_logit = z.mean(-1) * mask
+    label = batch["targets"].clamp_min(0)
+    top1 = (z.argmax(-1) == label) & mask
+    s = out.stats
+    assert_close(s.entropy, entropy.float(), rtol=1e-5, atol=1e-5, name="entropy")
+    assert_close(s.mean_logit, mean_logit.float(), rtol=1e-5, atol=1e-5, name="mean_logit")
+    assert 0 < int(top1[: mask.shape[0] // 2].sum()) < int(mask[: mask.shape[0] // 2].sum())
+    sums = dpo_token_metric_sums(s)
+    half = mask.shape[0] // 2
+    m = mask.double()
+    want = {
+        "entropy": entropy.sum() / m.sum(),
+        "logits/chosen": mean_logit[:half].sum() / m[:half].sum(),
+        "logits/rejected": mean_logit[half:].sum() / m[half:].sum(),
+        "mean_token_accuracy": top1[:half].double().sum() / m[:half].sum(),
+    }
+    for name, (total, count) in sums.items():
+        assert float(total / count) == pytest.approx(float(want[name]), rel=1e-5, abs=1e-6), name
