@@ -54,7 +54,7 @@ def compare(batch, grad_keys, impl, *, seed=0, rtol=2e-4, atol=2e-5, **kw):
 
 
 @pytest.mark.impls("cpu")
-@pytest.mark.parametrize("preference", ["tdpo2", "dpo"])
+@pytest.mark.parametrize("preference", ["tdpo2", "tdpo1", "dpo"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_tidpo_matches_oracle(impl, preference, shape):
     B, T, D, V = shape
@@ -109,6 +109,34 @@ def test_tidpo_triplet_hinge_inactive_and_skipped(impl):
 
 
 @pytest.mark.impls("cpu")
+def test_tidpo_empty_anchor_row_contributes_no_triplet_term(impl):
+    """An anchor without response tokens (sampled as an immediate EOS) adds 0 for its pair, as in the
+    authors' code, instead of max(0, 0 − 0 + margin) = margin; the other pairs are unaffected."""
+    batch = with_extras(make_batch(3, 6, 8, 23, seed=17), seed=17, anchor_T=5)
+    batch["anchor_targets"] = batch["anchor_targets"].clone()
+    batch["anchor_targets"][1] = -100  # pair 1: empty anchor
+    _, metrics, grads = compare(batch, ("hidden", "weight", "anchor_hidden"), impl, seed=17,
+                                beta=0.5, gamma=1.0, margin=30.0)  # hinge active for the other pairs
+    assert metrics["triplet_loss"] > 0
+    assert (grads["anchor_hidden"][1] == 0).all()
+    # Every anchor empty: the triplet term is exactly 0 (it was `margin` before).
+    batch["anchor_targets"][:] = -100
+    args = [batch[k] for k in ("hidden", "weight", "targets", "ref_hidden", "ref_weight")]
+    anchor = {k: batch[k] for k in ("anchor_hidden", "anchor_ref_hidden", "anchor_targets")}
+    out = tidpo_loss(*args, token_weights=batch["token_weights"], margin=30.0, gamma=1.0, impl=impl, **anchor)
+    assert out.metrics["triplet_loss"].item() == 0.0
+
+
+@pytest.mark.impls("cpu")
+def test_tidpo_tdpo1_base_with_unit_weights_equals_tdpo1(impl):
+    batch = make_batch(2, 7, 12, 37, seed=13)
+    args = [batch[k] for k in ("hidden", "weight", "targets", "ref_hidden", "ref_weight")]
+    a = tidpo_loss(*args, beta=0.4, preference="tdpo1", impl=impl)
+    c = tdpo_loss(*args, beta=0.4, variant="tdpo1", impl=impl)
+    assert a.loss.item() == c.loss.item()
+
+
+@pytest.mark.impls("cpu")
 def test_tidpo_unit_weights_no_anchor_equals_tdpo2(impl):
     batch = make_batch(2, 7, 12, 37, seed=12)
     args = [batch[k] for k in ("hidden", "weight", "targets", "ref_hidden", "ref_weight")]
@@ -125,7 +153,7 @@ def test_tidpo_reference_equal_policy_is_log2(impl):
     batch = make_batch(2, 6, 8, 19, seed=1)
     h, w = batch["hidden"], batch["weight"]
     tw = torch.rand(batch["targets"].shape) * 2
-    for pref in ("tdpo2", "dpo"):
+    for pref in ("tdpo2", "tdpo1", "dpo"):
         out = tidpo_loss(h, w, batch["targets"], h.clone(), w.clone(), token_weights=tw, preference=pref, impl=impl)
         assert out.loss.item() == torch.tensor(math.log(2.0), dtype=torch.float32).item()
 
@@ -199,8 +227,8 @@ def test_tidpo_validation():
         tidpo_loss(h, w, y, rh, rw, gamma=-0.1)
     with pytest.raises(ValueError, match="kl_coef"):
         tidpo_loss(h, w, y, rh, rw, kl_coef=-1.0)
-    with pytest.raises(ValueError, match=r"preference: expected one of \('tdpo2', 'dpo'\), got 'tdpo1'"):
-        tidpo_loss(h, w, y, rh, rw, preference="tdpo1")
+    with pytest.raises(ValueError, match=r"preference: expected one of \('tdpo2', 'tdpo1', 'dpo'\), got 'ipo'"):
+        tidpo_loss(h, w, y, rh, rw, preference="ipo")
     with pytest.raises(ValueError, match=r"token_weights: expected shape \(4, 4\).*got \(4, 3\)"):
         tidpo_loss(h, w, y, rh, rw, token_weights=torch.ones(4, 3))
     with pytest.raises(TypeError, match="token_weights: expected a floating-point tensor"):
@@ -231,6 +259,9 @@ def test_importance_validation():
         token_importance_weights(s, m, lam=1.5)
     with pytest.raises(ValueError, match="sigma_div"):
         token_importance_weights(s, m, sigma_div=0.0)
+    # Below 1 the prior would be wider than the span (σ = n / sigma_div > n): refused, not flattened.
+    with pytest.raises(ValueError, match=r"sigma_div: expected a finite number >= 1.*got 0.5"):
+        token_importance_weights(s, m, sigma_div=0.5)
     with pytest.raises(TypeError, match="mask: expected a bool"):
         token_importance_weights(s, m.float())
     with pytest.raises(TypeError, match="scores: expected a floating-point tensor"):

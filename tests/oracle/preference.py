@@ -109,6 +109,8 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
     for b in range(n):
         if preference == "tdpo2":
             delta = (Mw[b] - Mw[n + b]) - alpha * (K[n + b] - K[b].detach())
+        elif preference == "tdpo1":
+            delta = (Mw[b] - Mw[n + b]) - (K[n + b] - K[b])
         else:
             delta = Mw[b] - Mw[n + b]
         pref.append(-F.logsigmoid(beta * delta))
@@ -120,6 +122,9 @@ def oracle_tidpo(h, w, y, h_ref, w_ref, *, token_weights=None, anchor_hidden=Non
         terms = []
         for b in range(n):
             da = [lp_ - lr for lp_, lr, _ in arows[b]]
+            if not da:  # an anchor without response tokens contributes 0 (the authors' code)
+                terms.append(like.new_zeros(()))
+                continue
             dp = _sum([(a - c) ** 2 for a, c in zip(da, dvec[b], strict=False)], like)  # the overlap only
             dn = _sum([(a - c) ** 2 for a, c in zip(da, dvec[n + b], strict=False)], like)
             terms.append(torch.clamp(dp - dn + margin, min=0.0))

@@ -114,7 +114,7 @@ class TIDPOConfig(TokenLevelDPOConfig):
         tidpo_kl_coef: weight (``>= 0``) of the optional mean sequence-KL penalty.
         tidpo_use_importance: run the attribution pass (else uniform token weights).
         tidpo_importance_lam: λ, mix of attribution and positional prior, in ``[0, 1]``.
-        tidpo_importance_sigma_div: divisor of the span length giving the prior's width (``> 0``).
+        tidpo_importance_sigma_div: divisor of the span length giving the prior's width (``>= 1``).
         tidpo_importance_span: ``"all"`` non-pad tokens (the authors' code) or ``"response"``.
         tidpo_use_anchor: sample one anchor response per prompt for the triplet term.
         tidpo_anchor_max_new_tokens, tidpo_anchor_top_k, tidpo_anchor_top_p, tidpo_anchor_temperature:
@@ -134,7 +134,7 @@ class TIDPOConfig(TokenLevelDPOConfig):
     tidpo_importance_lam: float = field(
         default=0.7, metadata={"help": "lambda: weight of the attribution vs the positional prior, in [0, 1]."})
     tidpo_importance_sigma_div: float = field(
-        default=4.0, metadata={"help": "Divisor of the span length giving the positional prior's width (> 0)."})
+        default=4.0, metadata={"help": "Divisor of the span length giving the positional prior's width (>= 1)."})
     tidpo_importance_span: str = field(
         default="all", metadata={"help": "Tokens the weights are normalised over.", "choices": ["all", "response"]})
     tidpo_use_anchor: bool = field(
@@ -156,7 +156,7 @@ class TIDPOConfig(TokenLevelDPOConfig):
         self.tidpo_use_importance = check_field("tidpo_use_importance", self.tidpo_use_importance, kind=bool)
         self.tidpo_importance_lam = check_field("tidpo_importance_lam", self.tidpo_importance_lam, ge=0.0, le=1.0)
         self.tidpo_importance_sigma_div = check_field(
-            "tidpo_importance_sigma_div", self.tidpo_importance_sigma_div, gt=0.0)
+            "tidpo_importance_sigma_div", self.tidpo_importance_sigma_div, ge=1.0)
         self.tidpo_importance_span = check_field(
             "tidpo_importance_span", self.tidpo_importance_span, choices=("all", "response"))
         self.tidpo_use_anchor = check_field("tidpo_use_anchor", self.tidpo_use_anchor, kind=bool)

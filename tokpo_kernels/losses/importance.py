@@ -40,7 +40,9 @@ def token_importance_weights(
         scores: ``(..., T)`` floating-point attribution scores (e.g. L1 gradient norms). Detached.
         mask: ``(..., T)`` bool (or 0/1 integer) valid-span mask, same shape as ``scores``.
         lam: mixing weight of the normalised scores, in ``[0, 1]``.
-        sigma_div: divisor of the span length giving the prior's width, ``> 0``.
+        sigma_div: divisor of the span length giving the prior's width, ``>= 1``. Below 1 the
+            prior would be wider than the span itself (σ > n), i.e. nearly flat: refused with a
+            ``ValueError`` rather than silently turned into uniform weights.
 
     Returns:
         Detached weights of ``scores``' shape, dtype ``promote(scores.dtype, float32)`` (fp32 for
@@ -54,7 +56,7 @@ def token_importance_weights(
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"mask: expected a bool (or 0/1 integer) tensor, got dtype {mask.dtype}")
     lam = check_number("lam", lam, ge=0.0, le=1.0)
-    sigma_div = check_number("sigma_div", sigma_div, gt=0.0)
+    sigma_div = check_number("sigma_div", sigma_div, ge=1.0)
 
     dtype = torch.promote_types(scores.dtype, torch.float32)
     m = mask.to(torch.bool)

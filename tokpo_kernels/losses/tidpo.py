@@ -26,7 +26,7 @@ from tokpo_kernels.losses._common import masked_sum, pack_left, pad_last, split_
 from tokpo_kernels.losses._options import HeadOptions, loss_function
 from tokpo_kernels.losses.tdpo import pair_sums, tdpo_metrics
 
-TIDPO_PREFERENCES = ("tdpo2", "dpo")
+TIDPO_PREFERENCES = ("tdpo2", "tdpo1", "dpo")
 
 
 def packed_sq_distance(
@@ -63,6 +63,7 @@ def tidpo_loss(
 
         M_w,b = Σ_t m_t w_b,t (ℓ_t[y_t] − ℓ_ref,t[y_t])        K_b = Σ_t m_t KL(q_t ‖ p_t)  (unweighted)
         preference="tdpo2": Δ_b = (M_w,c − M_w,r) − α (K_r − sg(K_c))   (the reference code's form)
+        preference="tdpo1": Δ_b = (M_w,c − M_w,r) − (K_r − K_c)         (TDPO1 as the base; α unused)
         preference="dpo":   Δ_b =  M_w,c − M_w,r                        (the paper's weighted DPO)
         L_pref = mean_b −log σ(β Δ_b)
 
@@ -71,7 +72,10 @@ def tidpo_loss(
     response tokens, packed left (unweighted). Over the overlap of the packed spans::
 
         D⁺_b = Σ_j (d_j(anchor) − d_j(chosen))²,   D⁻_b = Σ_j (d_j(anchor) − d_j(rejected))²
-        L_triplet = mean_b max(0, D⁺_b − D⁻_b + margin)
+        L_triplet = mean_b a_b · max(0, D⁺_b − D⁻_b + margin)
+
+    where ``a_b = 0`` for a pair whose anchor has no response token (an anchor sampled as an
+    immediate EOS): its triplet term is 0, as in the authors' code, not ``max(0, margin)``.
 
     Total: ``loss = L_pref + γ L_triplet + kl_coef · mean_b ½(K_c + K_r)``. Gradients flow into the
     policy through the chosen, rejected and anchor log-ratios; the reference gets none.
@@ -89,7 +93,7 @@ def tidpo_loss(
         anchor_targets: ``(B, T_a)`` the anchor's labels (``ignore_index`` off the response).
             The three anchor arguments are given together or not at all.
         beta (> 0), alpha (>= 0), gamma (>= 0), margin: see the equations.
-        preference: ``"tdpo2"`` or ``"dpo"``.
+        preference: ``"tdpo2"``, ``"tdpo1"`` or ``"dpo"``.
         kl_coef: weight (>= 0) of the optional mean sequence-KL penalty.
         token_stats: also return the statistics pass over chosen and rejected (not the anchor) as
             ``LossOutput.stats``, with the policy's per-token entropy, max and mean logit (for logging).
@@ -143,6 +147,8 @@ def tidpo_loss(
     s = pair_sums(stats, weighted)  # M_w,b, K_b
     if preference == "tdpo2":
         delta = (s.margin_c - s.margin_r) - alpha * (s.kl_r - s.kl_c.detach())
+    elif preference == "tdpo1":
+        delta = (s.margin_c - s.margin_r) - (s.kl_r - s.kl_c)
     else:
         delta = s.margin_c - s.margin_r
     loss = -F.logsigmoid(beta * delta).mean()
@@ -155,7 +161,8 @@ def tidpo_loss(
         mk_c, mk_r = split_pairs(mask, "hidden")
         d_pos = packed_sq_distance(d_a, a_stats.mask, d_c, mk_c)
         d_neg = packed_sq_distance(d_a, a_stats.mask, d_r, mk_r)
-        triplet = torch.relu(d_pos - d_neg + margin).mean()
+        has_anchor_tokens = a_stats.mask.any(dim=-1)  # (B,): an empty anchor's term is 0
+        triplet = torch.where(has_anchor_tokens, torch.relu(d_pos - d_neg + margin), d_pos.new_zeros(())).mean()
         loss = loss + gamma * triplet
     if kl_coef > 0:
         loss = loss + kl_coef * (0.5 * (s.kl_c + s.kl_r)).mean()
