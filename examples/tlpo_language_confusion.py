@@ -319,29 +319,28 @@ def run_trainer(args, model, tokenizer, tlpo_prompts, checker) -> None:
     """The same TLPO run through ``TLPOTrainer`` (transformers.Trainer): groups built inside compute_loss."""
     import tempfile
 
-    from transformers import TrainingArguments
-
+    from tokpo_kernels.integrations.tlpo_config import TLPOConfig
     from tokpo_kernels.integrations.tlpo_trainer import TLPOTrainer
 
     with tempfile.TemporaryDirectory() as out_dir:
-        targs = TrainingArguments(
+        targs = TLPOConfig(
             output_dir=out_dir, per_device_train_batch_size=args.prompts_per_step, max_steps=args.tlpo_steps,
             learning_rate=args.tlpo_lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, logging_steps=5, report_to=[], save_strategy="no", use_cpu=True,
-            remove_unused_columns=False, disable_tqdm=True, seed=args.seed, dataloader_drop_last=True,
+            disable_tqdm=True, seed=args.seed, dataloader_drop_last=True,
+            num_samples=args.num_samples, sample_temperature=args.sample_temperature, max_new_tokens=12,
+            num_candidates=args.num_candidates, continue_tokens=args.continue_tokens, kl_beta=args.kl_beta,
         )
         trainer = TLPOTrainer(
             model=model, args=targs, processing_class=tokenizer, train_dataset=[{"input_ids": p} for p in tlpo_prompts],
-            target=checker, num_samples=args.num_samples, sample_temperature=args.sample_temperature,
-            max_new_tokens=12, num_candidates=args.num_candidates, continue_tokens=args.continue_tokens,
-            kl_beta=args.kl_beta,
+            target=checker,
         )
         trainer.train()
         for entry in trainer.state.log_history:
             if "tlpo/confusion_rate" in entry:
                 print(f"trainer step {entry.get('step')}: sampled confusion {entry['tlpo/confusion_rate']:.3f} "
                       f"groups {entry.get('tlpo/groups', 0):.1f} loss {entry.get('loss', float('nan')):+.4f} "
-                      f"kl {entry.get('kl', float('nan')):.4f}", flush=True)
+                      f"kl {entry.get('tlpo/kl', float('nan')):.4f}", flush=True)
 
 
 if __name__ == "__main__":

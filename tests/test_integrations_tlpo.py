@@ -168,6 +168,12 @@ def test_offset_mapping_to_token(byte_level):
 
 @pytest.fixture(scope="module")
 def tiny():
+    return make_tiny()
+
+
+def make_tiny():
+    """``(tokenizer, model, prompts)``: the metaspace BPE tokenizer (adds no BOS of its own), a 1-layer
+    random Llama with a sharpened lm-head, four Korean prompts as token ids with a leading BOS."""
     pytest.importorskip("transformers")
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -333,6 +339,9 @@ def test_tlpo_train_step_decreases_loss(tiny):
     assert not any(p.grad is not None for p in ref.parameters())
 
 
+# The method options as trainer keywords: the deprecated spelling, which must keep working (its
+# FutureWarning and TLPOConfig are checked in tests/test_tlpo_trainer_config.py).
+@pytest.mark.filterwarnings("ignore:.*is deprecated. set these fields:FutureWarning")
 def test_tlpo_trainer_smoke(tiny, tmp_path):
     pytest.importorskip("accelerate")
     import copy
@@ -362,6 +371,7 @@ def test_tlpo_trainer_smoke(tiny, tmp_path):
     assert all(torch.equal(start[n], p) for n, p in trainer.ref_model.named_parameters())
 
 
+@pytest.mark.filterwarnings("ignore:.*is deprecated. set these fields:FutureWarning")
 def test_tlpo_trainer_step_without_groups(tiny, tmp_path):
     """A prompt batch with no confusion at all trains nothing and does not crash."""
     pytest.importorskip("accelerate")

@@ -14,7 +14,7 @@ Submodules:
     dpo_configs  ``TDPOConfig`` / ``TIDPOConfig``, their ``DPOConfig`` subclasses (needs trl)
     ref_hidden_cache  the reference's hidden states on disk (``precompute_ref_hidden_states``)
     trl_metrics  DPOTrainer's token metrics from the loss's statistics pass
-    tlpo_*       the TLPO data pipeline and trainer
+    tlpo_*       the TLPO data pipeline, trainer and ``TLPOConfig`` (the config needs transformers)
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ _EXPORTS = {
     "build_groups": "tlpo_explore",
     "next_token_probs": "tlpo_explore",
     "TLPOTrainer": "tlpo_trainer",
+    "TLPOConfig": "tlpo_config",
+    "prompt_ids": "tlpo_explore",
     "tlpo_train_step": "tlpo_trainer",
     "tlpo_group_loss": "tlpo_trainer",
     "collate_groups": "tlpo_trainer",
@@ -76,6 +78,7 @@ __all__ = [
     "first_confusion",
     "frozen_reference",
     "next_token_probs",
+    "prompt_ids",
     "sample_responses",
     "target_scripts",
     "tlpo_group_loss",

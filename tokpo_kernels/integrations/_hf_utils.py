@@ -1,8 +1,9 @@
 """Small helpers the Hugging Face integrations share (one copy each).
 
-Special token ids with their fallbacks, padding token-id sequences into a batch, running a model
-in eval mode for a moment, the common-prefix length of two decoded texts, and recognising a PEFT
-model. Imports ``torch`` only; ``transformers`` and ``peft`` objects are recognised by duck typing.
+Special token ids with their fallbacks, the lm-head dtype under a trainer's autocast, padding
+token-id sequences into a batch, running a model in eval mode for a moment, the common-prefix length
+of two decoded texts, and recognising a PEFT model. Imports ``torch`` only; ``transformers`` and
+``peft`` objects are recognised by duck typing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ def is_peft(model: Any) -> bool:
     """Whether ``model`` is a ``peft`` ``PeftModel`` (any subclass), without importing ``peft``."""
     return (type(model).__name__.startswith("Peft") and hasattr(model, "peft_config")
             and callable(getattr(model, "get_base_model", None)))
+
+
+def autocast_head_dtype(accelerator: Any, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``F.linear`` computes an lm-head in under ``accelerator.autocast()`` (a trainer's
+    ``bf16=True`` / ``fp16=True``) on ``device``, or ``None`` when that autocast is off.
+
+    The trainers call the model's base directly (no logits), outside the autocast accelerate puts on
+    ``model.forward``; they enter ``accelerator.autocast()`` themselves and cast the lm-head operands
+    to this dtype, as the model's own ``lm_head`` would see them.
+    """
+    with accelerator.autocast():
+        kind = torch.device(device).type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _id_list(value: Any) -> List[int]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import unicodedata
+import warnings
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from tokpo_kernels.integrations._hf_utils import common_prefix_len
@@ -192,6 +193,13 @@ def target_scripts(target: Target) -> frozenset:
     return scripts
 
 
+# Share of an answer's letters that, when they are skipped ASCII letters, triggers the one-time warning.
+# A non-Latin-script answer quotes the odd Latin name or code identifier, a few letters in a hundred; a
+# quarter of all its letters being Latin is a drift into English (the checker's example
+# "кошка собака cat dog" has 6 of 17), which ignore_ascii=True would otherwise hide.
+ASCII_WARN_SHARE = 0.25
+
+
 class LanguageChecker:
     """First-confusion detector for one target language.
 
@@ -202,6 +210,11 @@ class LanguageChecker:
         extra_ignored: characters never counted as confusion (e.g. ``"ー"``).
 
     ``checker(text)`` returns the character offset of the first confusion letter, or ``None``.
+
+    What ``ignore_ascii`` hides is reported, not silently dropped: :meth:`skipped_ascii` counts the
+    ASCII letters of a text that would have been confusion, :meth:`note_skipped_ascii` warns once per
+    checker when they are at least ``ASCII_WARN_SHARE`` (25 %) of an answer's letters (a
+    non-Latin-script answer drifting into English), and ``build_groups`` reports their share.
     """
 
     def __init__(self, target: Target, *, ignore_ascii: bool = True, extra_ignored: str = "") -> None:
@@ -209,6 +222,7 @@ class LanguageChecker:
         self.scripts = target_scripts(target)
         self.ignore_ascii = bool(ignore_ascii)
         self.extra_ignored = frozenset(extra_ignored)
+        self._warned_ascii = False
 
     def __repr__(self) -> str:
         return f"LanguageChecker(scripts={sorted(self.scripts)}, ignore_ascii={self.ignore_ascii})"
@@ -234,6 +248,29 @@ class LanguageChecker:
     def is_clean(self, text: str) -> bool:
         """``True`` when ``text`` has no confusion letter."""
         return self.first_confusion(text) is None
+
+    def skipped_ascii(self, text: str) -> Tuple[int, int]:
+        """``(skipped, letters)``: the ASCII letters of ``text`` that are confusion only because
+        ``ignore_ascii`` skips them (0 when it is off or the target includes Latin), and all letters."""
+        letters = sum(1 for ch in text if char_script(ch) is not None and ch not in self.extra_ignored)
+        if not self.ignore_ascii or "Latin" in self.scripts:
+            return 0, letters
+        return sum(1 for ch in text if ch < "\x80" and ch.isalpha() and ch not in self.extra_ignored), letters
+
+    def note_skipped_ascii(self, text: str) -> Tuple[int, int]:
+        """:meth:`skipped_ascii` of ``text``, warning once per checker when the skipped letters are at
+        least ``ASCII_WARN_SHARE`` of its letters."""
+        skipped, letters = self.skipped_ascii(text)
+        if not self._warned_ascii and letters and skipped >= ASCII_WARN_SHARE * letters:
+            self._warned_ascii = True
+            warnings.warn(
+                f"{self!r}: {skipped} of the {letters} letters of an answer are ASCII Latin letters, which "
+                f"ignore_ascii=True does not count as confusion (e.g. {text[:60]!r}); if the target language "
+                "does not use Latin script, build the checker with ignore_ascii=False to count them "
+                "(this warning is shown once per checker)",
+                UserWarning, stacklevel=2,
+            )
+        return skipped, letters
 
 
 def first_confusion(text: str, target: Target, *, ignore_ascii: bool = True) -> Optional[int]:

@@ -29,17 +29,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections import defaultdict
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from tokpo_kernels._types import LossOutput
 from tokpo_kernels.functional import linear_vocab_stats
-from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, pad_right, tokenizer_pad_id
+from tokpo_kernels.integrations._config_utils import UNSET, fill_config_from_keywords
+from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, autocast_head_dtype, pad_right, tokenizer_pad_id
 from tokpo_kernels.integrations.hf_hidden import causal_lm_hidden_states, gathered_lm_head
 from tokpo_kernels.integrations.tlpo_explore import TLPOGroup, build_groups
-from tokpo_kernels.integrations.tlpo_language import LanguageChecker, Target
+from tokpo_kernels.integrations.tlpo_language import LanguageChecker
 from tokpo_kernels.losses.tlpo import tlpo_loss
 
 # TLPOTrainer is resolved by the module __getattr__ below (PEP 562), so that importing this module
@@ -72,9 +74,15 @@ def collate_groups(groups: Sequence[TLPOGroup], *, pad_id: int = 0, ignore_index
     return {"input_ids": ids, "attention_mask": mask, "positions": positions, "candidates": cand, "advantages": adv}
 
 
-def _rows(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    hidden = causal_lm_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+def _rows(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
+          forward_context: Optional[Callable[[], ContextManager]] = None) -> torch.Tensor:
+    with (forward_context or contextlib.nullcontext)():
+        hidden = causal_lm_hidden_states(model, batch["input_ids"], batch["attention_mask"])
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["positions"]]
+
+
+def _cast(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    return t if t is None or dtype is None else t.to(dtype)
 
 
 def tlpo_group_loss(
@@ -89,6 +97,8 @@ def tlpo_group_loss(
     pad_id: int = 0,
     ignore_index: int = IGNORE_INDEX,
     impl: str = "auto",
+    forward_context: Optional[Callable[[], ContextManager]] = None,
+    head_dtype: Optional[torch.dtype] = None,
 ) -> LossOutput:
     """``tk.tlpo_loss`` on one hidden row per group (policy with grad, reference without).
 
@@ -97,6 +107,11 @@ def tlpo_group_loss(
         ref: the frozen reference model, or ``None`` (then ``kl_beta`` must be 0).
         groups: a list of :class:`TLPOGroup` or a batch from :func:`collate_groups`.
         kl_beta, eps_low, eps_high, old_logp, impl: passed to ``tk.tlpo_loss``.
+        forward_context: a context manager factory entered around each model forward (a trainer's
+            ``accelerator.autocast``), ``None`` for none.
+        head_dtype: the dtype the lm-head operands (hidden rows, weights, biases) are cast to before
+            the loss — the autocast dtype, as the model's own ``lm_head`` would see them under
+            autocast — or ``None`` to leave them. The loss accumulates in fp32 either way.
 
     The policy forward covers the prefixes only (``G`` sequences, not ``G·K``); the lm-head enters
     through ``tlpo_loss`` (``linear_vocab_stats``), so no ``(tokens, V)`` logits are formed.
@@ -104,12 +119,12 @@ def tlpo_group_loss(
     device = next(policy.parameters()).device
     batch = groups if isinstance(groups, dict) else collate_groups(groups, pad_id=pad_id,
                                                                     ignore_index=ignore_index, device=device)
-    hidden = _rows(policy, batch)
+    hidden = _cast(_rows(policy, batch, forward_context), head_dtype)
     ref_kw: Dict[str, Optional[torch.Tensor]] = {}
     ref_ctx: ContextManager = contextlib.nullcontext()
     if ref is not None:
         with torch.no_grad():
-            ref_kw["ref_hidden"] = _rows(ref, batch)
+            ref_kw["ref_hidden"] = _cast(_rows(ref, batch, forward_context), head_dtype)
         # The reference only enters the (no-grad) forward statistics, computed inside this call, so
         # its possibly sharded lm-head is gathered just for it.
         ref_ctx = gathered_lm_head(ref)
@@ -117,12 +132,14 @@ def tlpo_group_loss(
     # gradient averaged over the mesh); a bare full_tensor() would keep each rank's own gradient.
     with gathered_lm_head(policy) as head, ref_ctx as ref_head:
         if ref_head is not None:
-            ref_kw["ref_weight"] = ref_head.weight.detach()
-            ref_kw["ref_bias"] = None if ref_head.bias is None else ref_head.bias.detach()
+            ref_kw["ref_weight"] = _cast(ref_head.weight.detach(), head_dtype)
+            ref_kw["ref_bias"] = _cast(None if ref_head.bias is None else ref_head.bias.detach(), head_dtype)
+        head_kw = head.loss_kwargs()
+        head_kw["bias"] = _cast(head_kw["bias"], head_dtype)
         return tlpo_loss(
-            hidden, head.weight, batch["candidates"], batch["advantages"], **ref_kw,
+            hidden, _cast(head.weight, head_dtype), batch["candidates"], batch["advantages"], **ref_kw,
             old_logp=old_logp, kl_beta=kl_beta, eps_low=eps_low, eps_high=eps_high,
-            ignore_index=ignore_index, impl=impl, **head.loss_kwargs(),
+            ignore_index=ignore_index, impl=impl, **head_kw,
         )
 
 
@@ -196,7 +213,19 @@ def _build_trainer_class():
     global _TRAINER_CLASS
     if _TRAINER_CLASS is not None:
         return _TRAINER_CLASS
-    from transformers import Trainer, TrainerCallback
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from tokpo_kernels.integrations.tlpo_config import TLPOConfig
+
+    def _as_tlpo_config(args: Any) -> "TLPOConfig":
+        """``None`` → a default ``TLPOConfig`` (Trainer's default output dir); a plain ``TrainingArguments``
+        → a ``TLPOConfig`` with the same values (its ``__post_init__`` runs again)."""
+        if args is None:
+            return TLPOConfig(output_dir="tmp_trainer")
+        if not isinstance(args, TrainingArguments):
+            raise TypeError(f"args: expected a TLPOConfig or a TrainingArguments, got {type(args).__name__}")
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and hasattr(args, f.name)}
+        return TLPOConfig(**values)
 
     class _RefreshReference(TrainerCallback):
         """Re-copy the policy's weights into the frozen reference at the start of every epoch."""
@@ -215,55 +244,90 @@ def _build_trainer_class():
         bare strings). For every batch of prompts, :meth:`compute_loss`
 
         1. samples ``num_samples`` responses per prompt from the current policy (temperature
-           ``sample_temperature``, eval mode, no grad),
+           ``sample_temperature``, eval mode, no grad; string prompts tokenised as ``prompt_format``
+           says: the chat template when the tokenizer has one, else the tokenizer with its own
+           special tokens),
         2. finds each response's first confusion point with the checker and explores
            ``num_candidates`` candidates at its update position, continued greedily for
            ``continue_tokens`` tokens and labelled ±1 (``build_groups``),
         3. returns ``tk.tlpo_loss`` on one policy hidden row per group, with the reference's hidden row
            for the k3 KL term (:func:`tlpo_group_loss`).
 
+        Configuration: :class:`~tokpo_kernels.integrations.tlpo_config.TLPOConfig` (a
+        ``TrainingArguments``; a plain one is converted). The method keywords below still work and
+        fill the config, with a ``FutureWarning``; ``target`` given as a ``LanguageChecker`` object
+        stays a keyword (it overrides ``args.target`` / ``args.ignore_ascii``). ``bf16=True`` /
+        ``fp16=True``: sampling and both hidden-state forwards run under the trainer's autocast and the
+        lm-head operands are cast to its dtype, as in the model's own forward.
+
         A batch without any informative group returns a zero loss (no parameter update beyond the
         optimizer's own, e.g. weight decay). The reference is a frozen deep copy of the policy made at
         construction (or ``ref_model``) and re-copied from the policy at the start of each epoch.
-        Logged metrics (averaged between logging steps): ``tk.tlpo_loss``'s (``policy_loss``, ``kl``,
-        ``clip_fraction``, ``ratio/mean``, ``logps/candidates``, ``advantages/abs_mean``,
-        ``num_candidates``) and the sampler's ``tlpo/confusion_rate``, ``tlpo/groups``.
+
+        What the logged ``loss`` is: ``tk.tlpo_loss``'s total ``−mean(S − kl_beta·KL)``. On the one
+        update per batch that TLPO makes, ``ρ ≡ 1`` and the advantages of a group are centred (they
+        sum to 0 over its candidates), so the surrogate part ``−mean(ρA)`` is ~0 *by construction*
+        (its gradient is not: it moves probability towards the candidates with positive advantage),
+        and the KL part is 0 at the start of every epoch (the reference was just copied from the
+        policy). The parts are therefore logged separately, all under ``tlpo/``:
+        ``tlpo/policy_loss`` (the surrogate part), ``tlpo/kl`` (the mean k3 KL to the reference) and
+        ``tlpo/kl_penalty`` (``kl_beta × tlpo/kl``, the KL part of the loss), ``tlpo/clip_fraction``,
+        ``tlpo/ratio/mean``, ``tlpo/logps/candidates``, ``tlpo/advantages/abs_mean``,
+        ``tlpo/num_candidates``, and the sampler's ``tlpo/confusion_rate``, ``tlpo/groups``,
+        ``tlpo/ascii_skipped_share`` (averaged between logging steps).
 
         Args (beyond ``transformers.Trainer``'s; ``processing_class`` must be the tokenizer):
-            target: target language/script or a ``LanguageChecker``.
+            target: a ``LanguageChecker`` (else deprecated: set ``TLPOConfig.target``).
             ref_model: frozen reference (default: a deep copy of ``model``).
-            num_samples, sample_temperature, max_new_tokens: on-policy sampling (reference 8, 0.6).
-            num_candidates, continue_tokens: exploration (reference 16, 3).
-            kl_beta, eps_low, eps_high: ``tk.tlpo_loss`` (reference 0.04, 0.2, 0.2).
-            ignore_ascii, drop_uniform: see ``LanguageChecker`` / ``build_groups``.
-            impl: ``linear_vocab_stats`` implementation.
+            num_samples, sample_temperature, max_new_tokens, num_candidates, continue_tokens, kl_beta,
+            eps_low, eps_high, ignore_ascii, drop_uniform, impl: deprecated keywords of the
+                ``TLPOConfig`` fields of the same names (``impl`` is ``loss_impl``).
         """
 
-        def __init__(self, model=None, args=None, *, target: Union[Target, LanguageChecker] = "ko",
-                     ref_model: Optional[torch.nn.Module] = None, num_samples: int = 8,
-                     sample_temperature: float = 0.6, max_new_tokens: int = 64, num_candidates: int = 16,
-                     continue_tokens: int = 3, kl_beta: float = 0.04, eps_low: float = 0.2,
-                     eps_high: float = 0.2, ignore_ascii: bool = True, drop_uniform: bool = True,
-                     impl: str = "auto", data_collator=None, **kwargs: Any) -> None:
+        def __init__(self, model=None, args=None, *, target: Any = UNSET,
+                     ref_model: Optional[torch.nn.Module] = None, num_samples: Any = UNSET,
+                     sample_temperature: Any = UNSET, max_new_tokens: Any = UNSET, num_candidates: Any = UNSET,
+                     continue_tokens: Any = UNSET, kl_beta: Any = UNSET, eps_low: Any = UNSET,
+                     eps_high: Any = UNSET, ignore_ascii: Any = UNSET, drop_uniform: Any = UNSET,
+                     impl: Any = UNSET, data_collator=None, **kwargs: Any) -> None:
+            checker = target if isinstance(target, LanguageChecker) else None
+            keywords = dict(target=UNSET if checker is not None else target, num_samples=num_samples,
+                            sample_temperature=sample_temperature, max_new_tokens=max_new_tokens,
+                            num_candidates=num_candidates, continue_tokens=continue_tokens, kl_beta=kl_beta,
+                            eps_low=eps_low, eps_high=eps_high, ignore_ascii=ignore_ascii,
+                            drop_uniform=drop_uniform, loss_impl=impl)
+            args = fill_config_from_keywords("TLPOTrainer", TLPOConfig, args, keywords, convert=_as_tlpo_config,
+                                             stacklevel=3)
+            if args.remove_unused_columns:
+                args.remove_unused_columns = False  # the "prompt" column is not a model.forward argument
             if data_collator is None:
                 data_collator = _prompt_collator
-            if args is not None and getattr(args, "remove_unused_columns", False):
-                args.remove_unused_columns = False  # the "prompt" column is not a model.forward argument
             super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
             if self.processing_class is None:
                 raise ValueError("TLPOTrainer needs the tokenizer as processing_class=")
-            self.checker = target if isinstance(target, LanguageChecker) else \
-                LanguageChecker(target, ignore_ascii=ignore_ascii)
+            self.checker = checker if checker is not None else \
+                LanguageChecker(args.target, ignore_ascii=args.ignore_ascii)
             self.ref_model = frozen_reference(model) if ref_model is None else ref_model
             self.ref_model.eval().requires_grad_(False)
             self.ref_model.to(self.args.device)
-            self.tlpo_kwargs = dict(num_samples=num_samples, temperature=sample_temperature,
-                                    max_new_tokens=max_new_tokens, num_candidates=num_candidates,
-                                    continue_tokens=continue_tokens, drop_uniform=drop_uniform)
-            self.loss_kwargs = dict(kl_beta=kl_beta, eps_low=eps_low, eps_high=eps_high, impl=impl)
             self.model_accepts_loss_kwargs = False
             self._tlpo_metrics: Dict[str, List[float]] = defaultdict(list)
             self.add_callback(_RefreshReference(self))
+
+        @property
+        def tlpo_kwargs(self) -> Dict[str, Any]:
+            """``build_groups`` keywords from the config."""
+            a = self.args
+            return dict(num_samples=a.num_samples, temperature=a.sample_temperature, max_new_tokens=a.max_new_tokens,
+                        num_candidates=a.num_candidates, continue_tokens=a.continue_tokens,
+                        drop_uniform=a.drop_uniform, prompt_format=a.prompt_format,
+                        add_special_tokens=a.add_special_tokens)
+
+        @property
+        def loss_kwargs(self) -> Dict[str, Any]:
+            """``tlpo_group_loss`` keywords from the config."""
+            a = self.args
+            return dict(kl_beta=a.kl_beta, eps_low=a.eps_low, eps_high=a.eps_high, impl=a.loss_impl)
 
         def refresh_reference(self) -> None:
             """Copy the current policy weights into the reference (docs/methods.md §4: every epoch)."""
@@ -273,17 +337,22 @@ def _build_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             policy = self.accelerator.unwrap_model(model)
-            groups, stats = build_groups(policy, self.processing_class, inputs["prompts"], self.checker,
-                                         **self.tlpo_kwargs)
-            self._tlpo_metrics["tlpo/confusion_rate"].append(stats["confusion_rate"])
-            self._tlpo_metrics["tlpo/groups"].append(stats["groups"])
+            with self.accelerator.autocast():  # sampling and exploration forwards, as DPOTrainer's generate
+                groups, stats = build_groups(policy, self.processing_class, inputs["prompts"], self.checker,
+                                             **self.tlpo_kwargs)
+            for name in ("confusion_rate", "groups", "ascii_skipped_share"):
+                self._tlpo_metrics[f"tlpo/{name}"].append(float(stats[name]))
             if not groups:
                 loss = torch.zeros((), device=self.args.device, requires_grad=True)
                 return (loss, None) if return_outputs else loss
             pad = tokenizer_pad_id(self.processing_class, default=0)
-            out = tlpo_group_loss(model, self.ref_model, groups, pad_id=pad, **self.loss_kwargs)
+            out = tlpo_group_loss(model, self.ref_model, groups, pad_id=pad, forward_context=self.accelerator.autocast,
+                                  head_dtype=autocast_head_dtype(self.accelerator, self.args.device),
+                                  **self.loss_kwargs)
             for name, value in out.metrics.items():
-                self._tlpo_metrics[name].append(float(value))
+                self._tlpo_metrics[f"tlpo/{name}"].append(float(value))
+            if "kl" in out.metrics:
+                self._tlpo_metrics["tlpo/kl_penalty"].append(self.args.kl_beta * float(out.metrics["kl"]))
             return (out.loss, out) if return_outputs else out.loss
 
         def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -76,7 +76,7 @@ except ImportError as err:  # pragma: no cover - exercised only without trl
 
 import tokpo_kernels as tk
 from tokpo_kernels.integrations._config_utils import UNSET, fill_config_from_keywords
-from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, is_peft
+from tokpo_kernels.integrations._hf_utils import IGNORE_INDEX, autocast_head_dtype, is_peft
 from tokpo_kernels.integrations.anchors import generate_anchors, prompts_from_preference_batch
 from tokpo_kernels.integrations.attribution import importance_scores, importance_token_weights
 from tokpo_kernels.integrations.dpo_configs import TDPOConfig, TIDPOConfig, TokenLevelDPOConfig
@@ -203,9 +203,7 @@ class _TokenLevelDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ mixed precision
     def _head_dtype(self, device: torch.device) -> Optional[torch.dtype]:
         """The dtype ``F.linear`` would compute the lm-head in under the trainer's autocast, or ``None``."""
-        with self.accelerator.autocast():
-            kind = device.type
-            return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return autocast_head_dtype(self.accelerator, device)
 
     def _to_head_dtype(self, hidden: torch.Tensor) -> torch.Tensor:
         dtype = self._head_dtype(hidden.device)
