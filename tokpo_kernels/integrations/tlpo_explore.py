@@ -146,8 +146,8 @@ def prompt_ids(x: Prompt, tokenizer: Any, *, prompt_format: str = "auto", add_sp
     - ``"auto"`` (default): ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
 
     Sampling must see the prompt exactly as the deployed generation does: the same prompt with and
-    without a BOS token gives a different next-token distribution (on the TLPO demo's tokenizer, which
-    adds none, confusion rates of 0.19 and 0.46 came from the two spellings).
+    without a BOS token gives a different next-token distribution, so the confusion TLPO would sample
+    and correct is not the one users see.
     """
     if isinstance(x, torch.Tensor):
         return [int(t) for t in x.reshape(-1).tolist()]
