@@ -15,7 +15,13 @@ the policy's own preference accuracy (``logps/chosen > logps/rejected``). Note t
 accuracy is 0 before training by construction: the reference is a frozen copy of the initial policy,
 so every reward is exactly 0 and no pair is strictly preferred.
 
-    python examples/tdpo_tiny.py --quick      # CPU, well under 3 minutes
+    python examples/tdpo_tiny.py --quick                   # CPU, well under 3 minutes
+    python examples/tdpo_tiny.py --quick --bf16            # under CPU autocast (bf16), as bf16=True on a GPU
+    python examples/tdpo_tiny.py --quick --precompute-ref  # reference hidden states cached, no reference model
+
+The method options are fields of ``TDPOConfig`` (a ``DPOConfig``). With ``--precompute-ref`` the
+trainer holds no reference model; the before/after evaluation here uses its own frozen copy of the
+initial policy (the reference by definition), made before training.
 
 The last line printed is one JSON object:
 ``{"reward_accuracy_before", "reward_accuracy_after", "steps", "seconds", ...}``.
@@ -24,6 +30,7 @@ The last line printed is one JSON object:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -74,12 +81,15 @@ def make_pairs(n: int, rng: random.Random) -> list:
 
 
 @torch.no_grad()
-def evaluate(trainer, dataset, batch_size: int = 32) -> dict:
-    """Per-pair TDPO metrics of the policy vs the reference on ``dataset`` (tk.tdpo_loss, as logged in training)."""
+def evaluate(trainer, dataset, ref, batch_size: int = 32, *, alpha=None, variant=None) -> dict:
+    """Per-pair TDPO metrics of the policy vs ``ref`` on ``dataset`` (tk.tdpo_loss, as logged in training;
+    ``alpha`` / ``variant`` default to the trainer's TDPO options)."""
+    alpha = trainer.tdpo_alpha if alpha is None else alpha
+    variant = trainer.tdpo_variant if variant is None else variant
     import tokpo_kernels as tk
     from tokpo_kernels.integrations import causal_lm_hidden_states, frozen_lm_head
 
-    model, ref = trainer.model, trainer.ref_model
+    model = trainer.model
     was_training = model.training
     model.eval()
     accs, pref, losses = [], [], []
@@ -91,7 +101,7 @@ def evaluate(trainer, dataset, batch_size: int = 32) -> dict:
         h_ref = causal_lm_hidden_states(ref, ids, mask)[:, :-1]
         head, ref_head = frozen_lm_head(model), frozen_lm_head(ref)
         out = tk.tdpo_loss(h, head.weight, targets, h_ref, ref_head.weight, beta=trainer.beta,
-                           alpha=trainer.tdpo_alpha, variant=trainer.tdpo_variant)
+                           alpha=alpha, variant=variant)
         accs.append(out.metrics["rewards/accuracies"])
         pref.append((out.metrics["logps/chosen"] > out.metrics["logps/rejected"]).float())
         losses.append(out.loss.reshape(1) * (ids.shape[0] // 2))
@@ -115,6 +125,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--variant", choices=["tdpo1", "tdpo2"], default="tdpo2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--bf16", action="store_true", help="train under bf16 autocast (CPU autocast here)")
+    parser.add_argument("--precompute-ref", action="store_true",
+                        help="precompute_ref_hidden_states=True: no reference model in memory while training")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (40 if args.quick else 300)
 
@@ -123,9 +136,8 @@ def main(argv=None) -> dict:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import datasets
     import transformers
-    from trl import DPOConfig
 
-    from tokpo_kernels.integrations import TDPOTrainer
+    from tokpo_kernels.integrations import TDPOConfig, TDPOTrainer
 
     datasets.disable_progress_bar()
     transformers.logging.set_verbosity_error()
@@ -137,26 +149,27 @@ def main(argv=None) -> dict:
     model = build_model(tokenizer, args.seed)
 
     out_dir = args.output_dir or tempfile.mkdtemp(prefix="tdpo_tiny_")
-    config = DPOConfig(
+    config = TDPOConfig(
         output_dir=out_dir, per_device_train_batch_size=args.batch_size, max_steps=steps, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, beta=args.beta, bf16=False, use_cpu=True,
+        lr_scheduler_type="constant", warmup_steps=0, beta=args.beta, bf16=args.bf16, use_cpu=True,
         gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=max(1, steps // 5),
         disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
+        tdpo_alpha=args.alpha, tdpo_variant=args.variant, precompute_ref_hidden_states=args.precompute_ref,
     )
-    trainer = TDPOTrainer(
-        model, None, args=config, tdpo_alpha=args.alpha, tdpo_variant=args.variant,
-        train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
-    )
+    # The reference of TDPO is the initial policy; this copy is the example's own, for evaluation only.
+    eval_ref = copy.deepcopy(model).eval().requires_grad_(False)
+    trainer = TDPOTrainer(model, None, args=config, train_dataset=train, eval_dataset=held_out,
+                          processing_class=tokenizer)
     trainer.remove_callback(transformers.PrinterCallback)  # our own summary goes to stderr below
     eval_set = trainer.eval_dataset  # tokenized by TRL like the training set
-    before = evaluate(trainer, eval_set)
+    before = evaluate(trainer, eval_set, eval_ref)
     print(f"before: {json.dumps(before)}", file=sys.stderr)
     trainer.train()
     for entry in trainer.state.log_history:
         if "loss" in entry:
             print(f"step {entry['step']}: loss {entry['loss']:.4f} reward_acc {entry.get('rewards/accuracies', 0):.3f} "
                   f"kl/chosen {entry.get('kl/chosen', 0):.4f}", file=sys.stderr)
-    after = evaluate(trainer, eval_set)
+    after = evaluate(trainer, eval_set, eval_ref)
     print(f"after:  {json.dumps(after)}", file=sys.stderr)
 
     result = {
@@ -168,6 +181,9 @@ def main(argv=None) -> dict:
         "logps_accuracy_after": round(after["logps_accuracy"], 4),
         "eval_loss_before": round(before["loss"], 4),
         "eval_loss_after": round(after["loss"], 4),
+        "bf16": bool(args.bf16),
+        "precompute_ref": bool(args.precompute_ref),
+        "logged_metrics": sorted({k for entry in trainer.state.log_history for k in entry}),
     }
     print(json.dumps(result))
     return result
