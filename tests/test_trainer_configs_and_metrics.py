@@ -297,3 +297,29 @@ def test_model_card_cites_the_methods_own_paper(tmp_path, tokenizer, dataset, tr
     card = (tmp_path / "README.md").read_text()
     assert "a method introduced in [" in card and f"papers/{paper})" in card
     assert "2305.18290" not in card  # the DPO paper is not presented as the method's origin
+
+
+def test_precomputed_reference_of_a_peft_policy_is_the_adapter_free_model(tmp_path, tokenizer, dataset) -> None:
+    """LoRA policy without ref_model: the cache holds the adapter-disabled model's hidden states, so the
+    loss and metrics equal the live run (which disables the adapter at every step)."""
+    peft = pytest.importorskip("peft", reason="the PEFT case needs peft")
+    results = []
+    for precompute in (False, True):
+        torch.manual_seed(0)
+        args = make_config(TDPOConfig, tmp_path / str(precompute), loss_impl="torch",
+                           precompute_ref_hidden_states=precompute)
+        trainer = TDPOTrainer(tiny_llama(0), None, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        gen = torch.Generator().manual_seed(1)  # the adapter moves away from 0: policy != reference
+        with torch.no_grad():
+            for name, p in sorted(trainer.model.named_parameters()):
+                if "lora_B" in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in (3, 1, 6, 0)])
+        loss = trainer.compute_loss(trainer.model, batch)
+        results.append((loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}))
+    (live_loss, live), (cached_loss, cached) = results
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-5, atol=1e-5)
+    assert live["kl/chosen"] > 0
+    for name in live:
+        assert cached[name] == pytest.approx(live[name], rel=1e-5, abs=1e-5), name
