@@ -323,3 +323,19 @@ def test_precomputed_reference_of_a_peft_policy_is_the_adapter_free_model(tmp_pa
     assert live["kl/chosen"] > 0
     for name in live:
         assert cached[name] == pytest.approx(live[name], rel=1e-5, abs=1e-5), name
+
+
+def test_precomputed_reference_under_bf16_is_stored_in_bf16_and_gives_the_live_loss(tmp_path, tokenizer,
+                                                                                    dataset) -> None:
+    """bf16=True: the cache holds what the live reference feeds the loss (bf16 rows), and the loss is the
+    live one (the reference forward of each row does not depend on the batch it was computed in)."""
+    import json
+
+    live = _pair(tmp_path, tokenizer, dataset, TDPOConfig, TDPOTrainer, False, bf16=True)
+    cached = _pair(tmp_path, tokenizer, dataset, TDPOConfig, TDPOTrainer, True, bf16=True)
+    manifest = json.loads((tmp_path / "cached" / "ref_hidden_states" / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and cached.ref_cache.dtype == torch.bfloat16
+    order = [5, 2, 7, 0]
+    loss_live = live.compute_loss(live.model, live.data_collator([live.train_dataset[i] for i in order]))
+    loss_cached = cached.compute_loss(cached.model, cached.data_collator([cached.train_dataset[i] for i in order]))
+    torch.testing.assert_close(loss_cached, loss_live, rtol=1e-5, atol=1e-5)
