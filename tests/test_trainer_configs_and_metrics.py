@@ -339,3 +339,24 @@ def test_precomputed_reference_under_bf16_is_stored_in_bf16_and_gives_the_live_l
     loss_live = live.compute_loss(live.model, live.data_collator([live.train_dataset[i] for i in order]))
     loss_cached = cached.compute_loss(cached.model, cached.data_collator([cached.train_dataset[i] for i in order]))
     torch.testing.assert_close(loss_cached, loss_live, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_and_later_epochs_read_the_cache_without_rebuilding_it(tmp_path, tokenizer, dataset) -> None:
+    """A run saved at step 2 and resumed (a new trainer, here with a longer max_steps: the datasets'
+    own fingerprints change with such arguments, the token ids do not) reads the same cache through
+    three epochs; changing the data rebuilds it."""
+
+    def trainer(max_steps, data=dataset):
+        args = make_config(TDPOConfig, tmp_path, loss_impl="torch", precompute_ref_hidden_states=True,
+                           max_steps=max_steps, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+        return TDPOTrainer(tiny_llama(0), tiny_llama(0), args=args, train_dataset=data, processing_class=tokenizer)
+
+    trainer(2).train()
+    manifest = tmp_path / "ref_hidden_states" / "manifest.json"
+    stamp = os.stat(manifest).st_mtime_ns
+    resumed = trainer(12)  # 8 pairs / 2 per step: 3 epochs
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 12 and resumed.state.epoch == pytest.approx(3.0)
+    assert os.stat(manifest).st_mtime_ns == stamp
+    trainer(2, dataset.select(range(6)))
+    assert os.stat(manifest).st_mtime_ns != stamp

@@ -11,7 +11,7 @@ reference model nor the cache sits in memory.
 Layout of the cache directory::
 
     manifest.json     format version, dtype, hidden size, number of examples/tokens, the fingerprint
-                      of what was cached (datasets, reference weights, dtype, truncation), files
+                      of what was cached (token ids, reference weights, dtype, truncation), files
     hidden.bin        (num_tokens, D) raw rows in ``dtype`` (the dtype the live reference feeds the
                       loss: the autocast dtype under bf16/fp16 training), row-major
     index.pt          (num_examples, 4) int64: chosen start, chosen count, rejected start, rejected count

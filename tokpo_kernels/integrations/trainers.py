@@ -124,6 +124,34 @@ def _as_config(config_cls: type, args: Optional[DPOConfig], model: Any, suffix: 
     return config_cls(**values)
 
 
+# The tokenised columns of TRL 1.16's preference datasets: what decides the cached rows.
+_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def _token_digest(dataset: Any) -> str:
+    """SHA-256 of a tokenised preference dataset's token ids, row by row.
+
+    Not ``Dataset._fingerprint``: after TRL's ``map`` calls it depends on how the mapped function
+    hashed (it differed between two trainers built on the same data with another ``max_steps``), so a
+    resumed run would recompute a valid cache. The ids themselves are what the cached rows depend on.
+    """
+    import hashlib
+
+    import numpy as np
+
+    columns = [c for c in _TOKEN_COLUMNS if c in dataset.column_names]
+    if not columns:
+        raise ValueError(f"precompute_ref_hidden_states=True: expected tokenised columns {_TOKEN_COLUMNS}, got "
+                         f"{dataset.column_names}")
+    digest = hashlib.sha256()
+    for batch in dataset.select_columns(columns).iter(batch_size=1024):
+        for name in columns:
+            rows = batch[name]
+            digest.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
+            digest.update(np.asarray([t for r in rows for t in r], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 class _WithRefIndex:
     """Collator wrapper: carries the ``ref_hidden_index`` column past ``DataCollatorForPreference`` (which
     keeps only the keys it knows) into the batch as a ``(B,)`` tensor."""
@@ -301,7 +329,7 @@ class _TokenLevelDPOTrainer(DPOTrainer):
         directory = self.args.ref_hidden_states_dir or os.path.join(self.args.output_dir, "ref_hidden_states")
         ref, _ = self._reference_context()
         fingerprint = {
-            "splits": [[name, len(ds), getattr(ds, "_fingerprint", None)] for name, ds in splits],
+            "splits": [[name, len(ds), _token_digest(ds)] for name, ds in splits],
             "reference_sha256": hash_module(self.accelerator.unwrap_model(ref)) if self.ref_model is not None
             else hash_module(self.accelerator.unwrap_model(self.model)),  # PEFT: base weights + initial adapter
             "head_dtype": str(self._head_dtype(self.accelerator.device)),
